@@ -1,0 +1,32 @@
+"""Benchmarks: print speed and memory figures (never asserted in tests).
+
+    python launchers/benchmark.py data  [--help]   # tokenizer vs. build throughput
+    python launchers/benchmark.py model [--help]   # forward+backward tokens/s, ours vs transformers
+
+Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
+this file only dispatches, importing the suite it runs and nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {
+    "data": "pipeline.data.benchmark",
+    "model": "pipeline.models.benchmark",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUITES:
+        print(__doc__.strip())
+        print(f"\nsuites: {', '.join(SUITES)}")
+        return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
+    module = importlib.import_module(SUITES[argv[0]])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
