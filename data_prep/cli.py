@@ -1,0 +1,236 @@
+"""`data-prep` / `python -m data_prep`: corpora -> tokenizer -> Megatron token shards.
+
+A thin layer over `pipeline.data`: parse arguments, call the library, print for people.
+Problems a user can fix end as `error: <message>` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from pipeline.errors import PipelineError
+
+EPILOG = """\
+examples:
+  data-prep tokenizer train --input builtin:pydocs --output runs/tok/spm --vocab-size 8000
+  data-prep build --input 'corpus/*.jsonl.zst' --tokenizer ../shared/data/tokenizers/gpt2 \\
+      --output runs/data/gpt2
+  data-prep verify runs/data/gpt2
+  data-prep inspect runs/data/gpt2
+scale-out (N machines, each with its own I):
+  data-prep build ... --output runs/data/big --partition I/N
+  data-prep merge-manifests runs/data/big
+"""
+
+INPUT_HELP = ("corpus files or globs (quote them): .jsonl/.json/.parquet/.txt, optionally .gz/.zst; "
+              "a directory (its corpus files, or a datasets.save_to_disk dataset); or builtin:pydocs "
+              "(English docs bundled with Python, no download)")
+
+
+def _add_reader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", "-i", nargs="+", required=True, metavar="GLOB", help=INPUT_HELP)
+    p.add_argument("--text-key", default="text", help="JSON key / column holding the text (default: text)")
+    p.add_argument("--txt-unit", default="file", choices=["file", "paragraph", "line"],
+                   help="what one document is in .txt inputs (default: the whole file)")
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="on a bad record: stop with its file:line (fail, default) or skip and count it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="data-prep", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    tok = sub.add_parser("tokenizer", help="train or show a tokenizer")
+    tsub = tok.add_subparsers(dest="tok_command", required=True, metavar="ACTION")
+    train = tsub.add_parser(
+        "train", help="train a sentencepiece model on the same inputs build reads",
+        description="Train a sentencepiece tokenizer (writes PREFIX.model and PREFIX.vocab). "
+        "Ids 0-3 are <unk>, <s>, </s> (EOS), <pad>; --special-tokens follow and are never split.")
+    _add_reader_args(train)
+    train.add_argument("--output", "-o", required=True, metavar="PREFIX",
+                       help="output path without suffix, e.g. runs/tok/spm -> runs/tok/spm.model")
+    train.add_argument("--vocab-size", type=int, default=32000, help="default: 32000")
+    train.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    train.add_argument("--special-tokens", nargs="*", default=[], metavar="TOKEN",
+                       help="extra tokens kept whole, e.g. '<|latent|>'")
+    train.add_argument("--no-byte-fallback", action="store_true",
+                       help="map unseen characters to <unk> instead of UTF-8 byte tokens")
+    train.add_argument("--character-coverage", type=float, default=0.9995)
+    train.add_argument("--max-sentences", type=int, default=2_000_000,
+                       help="lines sampled for training (default: 2M)")
+    train.add_argument("--workers", type=int, default=0, help="training threads (default: all cores)")
+    train.add_argument("--seed", type=int, default=0)
+    show = tsub.add_parser("show", help="load a tokenizer and print what build would record")
+    show.add_argument("path", help="a .model file, a tokenizer.json, or a Hugging Face tokenizer dir")
+    show.add_argument("--eos-token", help="EOS token, if the tokenizer does not name one")
+    show.add_argument("--text", help="also print the ids of this text")
+
+    b = sub.add_parser(
+        "build", help="tokenize corpora into Megatron .bin/.idx shards with a manifest",
+        description="Tokenize documents (one document = one sequence, EOS appended) into "
+        "bounded megatron-core shards under OUTPUT/{train,validation}/ plus OUTPUT/manifest.json. "
+        "Rerunning the same command after a crash resumes where it stopped.")
+    _add_reader_args(b)
+    b.add_argument("--tokenizer", "-t", required=True, metavar="PATH",
+                   help="sentencepiece .model, tokenizer.json, or Hugging Face tokenizer dir")
+    b.add_argument("--output", "-o", required=True, metavar="DIR", help="new (or empty) directory")
+    b.add_argument("--eos-token", help="EOS token, if the tokenizer does not name one")
+    b.add_argument("--workers", type=int, default=0,
+                   help="tokenizer threads (default: all cores); output does not depend on it")
+    b.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of documents in validation, chosen by a seeded hash of the text (default: 0.01)")
+    b.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    b.add_argument("--shard-size", default="256M", help="max .bin bytes per shard, e.g. 64M, 1G (default: 256M)")
+    b.add_argument("--partition", default="0/1", metavar="I/N",
+                   help="build only part I (0-based) of N into OUTPUT/part-I-of-N; then merge-manifests")
+    b.add_argument("--overwrite", action="store_true", help="replace a finished or different build in OUTPUT")
+
+    mg = sub.add_parser("merge-manifests", help="combine partition builds into one dataset (no copying)",
+                        description="Write DIR/manifest.json listing the shards of DIR/part-*-of-* "
+                        "(or of the PART directories given, which must lie inside DIR).")
+    mg.add_argument("dir", metavar="DIR")
+    mg.add_argument("parts", nargs="*", metavar="PART")
+
+    ins = sub.add_parser("inspect", help="counts, length histogram and decoded samples of a dataset")
+    ins.add_argument("dir", metavar="DIR")
+    ins.add_argument("--samples", type=int, default=3, help="documents to decode (default: 3)")
+    ins.add_argument("--chars", type=int, default=300, help="characters shown per sample")
+    ins.add_argument("--tokenizer", help="decode with this tokenizer instead of the recorded one")
+
+    ver = sub.add_parser("verify", help="re-read every shard; check index, data and checksums")
+    ver.add_argument("dir", metavar="DIR")
+    return parser
+
+
+def _bar(unit: str):
+    from tqdm import tqdm
+
+    return tqdm(unit=unit, unit_scale=True, disable=None, file=sys.stderr)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from pipeline.data import readers, tokenizer
+
+    if args.tok_command == "show":
+        tok = tokenizer.load_tokenizer(args.path, args.eos_token)
+        for k, v in tok.identity().items():
+            print(f"{k}: {v}")
+        if args.text is not None:
+            print("ids:", tok.encode_batch([args.text])[0])
+        return 0
+    reader = readers.Reader(readers.resolve_inputs(args.input), args.text_key, args.on_error, args.txt_unit)
+    t0 = time.time()
+    tok = tokenizer.train_sentencepiece(
+        (text for text, _, _ in reader), args.output, args.vocab_size, args.model_type,
+        args.special_tokens, not args.no_byte_fallback, args.character_coverage,
+        args.max_sentences, args.workers, args.seed)
+    print(f"wrote {tok.path} ({args.model_type}, vocab {tok.vocab_size}, EOS {tok.eos_token!r}="
+          f"{tok.eos_id}) in {time.time() - t0:.1f}s; skipped: {dict(reader.skips) or 'none'}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.data import build
+
+    opts = build.BuildOptions(
+        inputs=args.input, tokenizer=args.tokenizer, output=args.output, text_key=args.text_key,
+        workers=args.workers, val_fraction=args.val_fraction, seed=args.seed,
+        shard_size=build.parse_size(args.shard_size), on_error=args.on_error, txt_unit=args.txt_unit,
+        eos_token=args.eos_token, partition=build.parse_partition(args.partition),
+        overwrite=args.overwrite, command=["data-prep", *sys.argv[1:]])
+    t0 = time.time()
+    bar = _bar("tok")
+
+    def progress(docs: int, tokens: int) -> None:
+        bar.update(tokens - bar.n)
+        bar.set_postfix(docs=docs, refresh=False)
+
+    with bar:
+        m = build.build(opts, progress)
+    dt = time.time() - t0
+    tot = m.totals()
+    print(f"wrote {m.root}: {tot['all']['documents']} documents, {tot['all']['tokens']} tokens "
+          f"({m.dtype}) in {tot['all']['shards']} shards; train {tot['train']['documents']} docs, "
+          f"validation {tot['validation']['documents']} docs; {tot['all']['tokens'] / dt:,.0f} tok/s")
+    if m.skipped:
+        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(m.skipped.items())))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.data import shards
+
+    m = shards.merge_manifests(args.dir, args.parts or None, {"command": ["data-prep", *sys.argv[1:]]})
+    tot = m.totals()["all"]
+    print(f"wrote {m.root / shards.MANIFEST}: {len(m.provenance['merged_from'])} parts, "
+          f"{tot['shards']} shards, {tot['documents']} documents, {tot['tokens']} tokens")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from pipeline.data import report, tokenizer
+
+    s = report.summarize(args.dir)
+    m = s.manifest
+    print(f"{m.root}: tokenizer {m.tokenizer['kind']} {m.tokenizer['path']} (vocab {m.vocab_size}, "
+          f"EOS {m.eos_id}), dtype {m.dtype}")
+    for split, t in m.totals().items():
+        print(f"  {split:10s} {t['shards']:5d} shards {t['documents']:10d} documents {t['tokens']:12d} tokens")
+    print(f"  skipped: {m.skipped or 'none'}")
+    for split in ("train", "validation"):
+        lens = s.lengths[split]
+        if lens.size:
+            print(f"{split} document length (tokens): min {lens.min()}, median {int(np.median(lens))}, "
+                  f"mean {lens.mean():.1f}, max {lens.max()}")
+            peak = max(c for _, _, c in s.histogram(split)) or 1
+            for lo, hi, c in s.histogram(split):
+                print(f"  {lo:>8d}-{hi - 1:<8d} {c:8d} {'#' * round(40 * c / peak)}")
+    if args.samples:
+        tok = tokenizer.load_tokenizer(args.tokenizer or m.tokenizer["path"], m.tokenizer.get("eos_token"))
+        for prefix, i, ids in report.sample_documents(m, args.samples):
+            text = tok.decode(ids.tolist())
+            more = "..." if len(text) > args.chars else ""
+            print(f"--- {prefix} document {i} ({len(ids)} tokens) ---\n{text[: args.chars]}{more}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.data import shards
+
+    bar = _bar("shard")
+    with bar:
+        m = shards.verify_dataset(args.dir, lambda s: bar.update(1))
+    tot = m.totals()["all"]
+    print(f"OK {m.root}: {tot['shards']} shards, {tot['documents']} documents, {tot['tokens']} tokens; "
+          "indexes match data, checksums match manifest")
+    return 0
+
+
+COMMANDS = {"tokenizer": cmd_tokenizer, "build": cmd_build, "merge-manifests": cmd_merge,
+            "inspect": cmd_inspect, "verify": cmd_verify}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
