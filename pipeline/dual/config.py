@@ -1,0 +1,75 @@
+"""`DualConfig`: the variant and its options (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pipeline.dual.variants import Variant, get_variant
+from pipeline.errors import PipelineError
+
+
+@dataclasses.dataclass
+class DualConfig:
+    variant: str = "liu"
+    """One of pipeline.dual.variants.VARIANTS: liu, h1, h2, soft_embedding, pause,
+    continued_pretraining."""
+    n_latents: int = 16
+    """N_L: latent slots per augmentation site."""
+    n_ahead: int = 16
+    """N_A: ahead tokens (targets) per site."""
+    n_sites: int = 64
+    """M: augmentation sites sampled per packed sequence."""
+    coprocessor_init: Literal["base", "scratch"] = "base"
+    """Coprocessor starts as a copy of the Base, or from a fresh random init of its config."""
+    coprocessor_input: Literal["kv_cache", "last_hidden"] = "kv_cache"
+    """What the Coprocessor reads: the Base's per-layer cache, or its last-layer hidden
+    states as input embeddings (paper 002 §3.3.3)."""
+    coprocessor_adapter: Literal["full", "lora"] = "full"
+    """Train the whole Coprocessor, or LoRA adapters on its linear layers (merged on export)."""
+    lora_rank: int = 16
+    """LoRA rank r (with coprocessor_adapter=lora)."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator (the update is alpha/r * B A)."""
+    orthogonality_weight: float = 0.0
+    """λ of the penalty λ · mean_m ||ẑ_m ẑ_mᵀ − I||² on row-normalised slot latents."""
+    lm_loss_weight: float = 0.0
+    """Weight of the standard causal LM loss on x from pass 1, added to the ahead loss."""
+    freeze_base: bool | None = None
+    """Freeze (True) or train (False) the Base; None = the variant's default."""
+    decode_reread: bool = False
+    """Embedding variants: re-read x[p] after the slots, as h1 always does."""
+    document_mask: bool = False
+    """Attention stays inside EOS-delimited documents (all three passes)."""
+    document_aware_sites: bool = False
+    """Refuse sites whose ahead tokens run into the next document."""
+
+    def __post_init__(self) -> None:
+        spec = self.spec  # raises on an unknown variant
+        for name in ("n_latents", "n_ahead", "n_sites"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"dual.{name} must be >= 1, got {getattr(self, name)}")
+        if self.coprocessor_adapter == "lora" and self.lora_rank < 1:
+            raise PipelineError(f"dual.lora_rank must be >= 1, got {self.lora_rank}")
+        if self.orthogonality_weight < 0 or self.lm_loss_weight < 0:
+            raise PipelineError("dual.orthogonality_weight and dual.lm_loss_weight must be >= 0")
+        if self.orthogonality_weight > 0 and spec.slots in ("coprocessor_kv", "none"):
+            raise PipelineError(
+                f"dual.orthogonality_weight applies to latents used as slot embeddings; variant "
+                f"{self.variant!r} has none (set it to 0)"
+            )
+        if spec.slots == "none" and self.freeze_base:
+            raise PipelineError("continued_pretraining with freeze_base=true would train nothing")
+
+    @property
+    def spec(self) -> Variant:
+        return get_variant(self.variant)
+
+    @property
+    def reread(self) -> bool:
+        """Whether the decode block re-reads x[p] after the slots."""
+        return self.spec.reread_required or (self.decode_reread and self.spec.augments)
+
+    @property
+    def train_base(self) -> bool:
+        return self.spec.train_base if self.freeze_base is None else not self.freeze_base

@@ -1,0 +1,344 @@
+"""The dual model: a Base and a Coprocessor that talk through the KV-cache.
+
+`DualModel.forward` is the packed three-pass schedule of DESIGN.md §3 for all M
+sites of every sequence at once:
+
+    pass 1  Base on x (causal)                     -> cache KV_θ(x), hidden states
+    pass 2  Coprocessor on M·N_L slots             -> Z (M, N_L, d) and its K/V at the slots
+            (slot j of site m: position p_m+1+j, sees cache <= p_m and its own site's slots <= j)
+    pass 3  Base on M blocks, reusing the cache    -> logits for the M·N_A targets
+            (block m: [slots ; (x[p_m]) ; x[p_m+1 .. p_m+N_A-1]], sees cache <= p_m and
+             itself causally; h1 puts the Coprocessor's K/V in the cache instead of slots)
+
+Every pass is one call of the model core with a `prefix_block_causal` mask; there is
+no Python loop over sites. What fills the slots and what trains comes from the
+variant row (`pipeline.dual.variants`), not from branches on variant names.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.attention import (
+    PREFIX_BLOCK,
+    AttentionPattern,
+    causal,
+    doc_ids_from_eos,
+    document_causal,
+)
+from pipeline.attention.rules import prefix_block_causal
+from pipeline.dual.config import DualConfig
+from pipeline.dual.lora import add_lora
+from pipeline.dual.sites import sample_sites
+from pipeline.errors import PipelineError
+from pipeline.models import KV, CausalLM, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DualOutput:
+    loss: Tensor
+    """The training objective: ahead loss + λ·orthogonality + w·LM (LM only for
+    continued_pretraining)."""
+    ahead_loss: Tensor | None
+    """Mean cross-entropy over the M·N_A targets (None without augmentation)."""
+    lm_loss: Tensor | None
+    """Causal LM loss of pass 1 (when weighted in, or the whole loss)."""
+    orthogonality: Tensor | None
+    """The unweighted orthogonality penalty (when its weight is > 0)."""
+    nll: Tensor | None
+    """Per-target NLL `(B, M, N_A)`: nll[b, m, k-1] is -log p(x[p_m + k])."""
+
+
+class DualModel(nn.Module):
+    """Base + (optional) Coprocessor + learnable slot embeddings, for one variant."""
+
+    def __init__(
+        self,
+        base: CausalLM,
+        config: DualConfig,
+        *,
+        coprocessor: CausalLM | None = None,
+        soft_tokens: Tensor | None = None,
+        eos_id: int | None = None,
+    ):
+        super().__init__()
+        spec = config.spec
+        self.config = config
+        self.eos_id = eos_id
+        if (config.document_mask or config.document_aware_sites) and eos_id is None:
+            raise PipelineError("document_mask / document_aware_sites need the data's eos_id")
+        self.base = base
+        self.coprocessor: CausalLM | None = None
+        if spec.has_coprocessor:
+            if coprocessor is None:
+                coprocessor = copy.deepcopy(base) if config.coprocessor_init == "base" else build_model(base.config)
+            _check_compatible(base, coprocessor)
+            self.coprocessor = coprocessor
+        self.soft_tokens: nn.Parameter | None = None
+        if spec.augments:
+            rows = 1 if spec.slots == "pause" else config.n_latents
+            if soft_tokens is None:
+                # Start at the scale of the Base's own token embeddings.
+                with torch.no_grad():
+                    std = float(base.embed(torch.arange(2, device=_device(base))).std()) or 0.02
+                soft_tokens = torch.randn(rows, base.config.d_model) * std
+            if tuple(soft_tokens.shape) not in ((rows, base.config.d_model), (config.n_latents, base.config.d_model)):
+                raise PipelineError(
+                    f"soft_tokens has shape {tuple(soft_tokens.shape)}, expected ({rows}, {base.config.d_model})"
+                )
+            self.soft_tokens = nn.Parameter(soft_tokens[:rows].clone().to(_device(base)))
+        self._set_trainable()
+
+    # ------------------------------------------------------------------ trainable parameters
+    def _set_trainable(self) -> None:
+        """Train exactly the groups the variant row says; freeze what cannot reach the loss."""
+        cfg, spec = self.config, self.config.spec
+        self.base.requires_grad_(cfg.train_base)
+        if self.coprocessor is not None:
+            if cfg.coprocessor_adapter == "lora":
+                self.coprocessor.requires_grad_(False)
+                n = add_lora(self.coprocessor, cfg.lora_rank, cfg.lora_alpha)
+                log.info("coprocessor: LoRA rank %d on %d linear layers", cfg.lora_rank, n)
+            else:
+                self.coprocessor.requires_grad_(True)
+        if self.soft_tokens is not None:
+            self.soft_tokens.requires_grad_(True)
+        if spec.has_coprocessor:
+            self.unused = self._freeze_unused()
+            if self.unused:
+                log.info("frozen (no path to the %s loss): %s", cfg.variant, ", ".join(self.unused))
+
+    def _freeze_unused(self) -> list[str]:
+        """Freeze trainable parameters that get no gradient (e.g. the Coprocessor's head).
+
+        Found with one probe forward/backward on a minimal sequence rather than a list of
+        names per family and variant: h1, for instance, never uses the Coprocessor's last
+        MLP or final norm, and DeepSpeed must not see such parameters as trainable.
+        """
+        cfg = self.config
+        seq = cfg.n_ahead + 2
+        ids = torch.zeros(1, seq, dtype=torch.long, device=_device(self.base))
+        sites = torch.zeros(1, 1, dtype=torch.long, device=ids.device)
+        probe = dataclasses.replace(cfg, n_sites=1, document_mask=False, document_aware_sites=False)
+        saved, self.config = self.config, probe
+        try:
+            trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+            loss = self.forward(ids, sites).loss
+            grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+        finally:
+            self.config = saved
+        unused = [n for (n, p), g in zip(trainable, grads, strict=True) if g is None]
+        for name in unused:
+            self.get_parameter(name).requires_grad_(False)
+        return unused
+
+    # ------------------------------------------------------------------ the three passes
+    def sample_sites(self, input_ids: Tensor, generator: torch.Generator) -> Tensor:
+        """`(B, M)` sorted sites for a batch, drawn with the config's constraints."""
+        cfg = self.config
+        return sample_sites(
+            input_ids, cfg.n_sites, n_latents=cfg.n_latents, n_ahead=cfg.n_ahead, reread=cfg.reread,
+            max_positions=self.base.config.max_position_embeddings, generator=generator,
+            eos_id=self.eos_id if cfg.document_aware_sites else None,
+        )
+
+    def forward(self, input_ids: Tensor, sites: Tensor | None = None) -> DualOutput:
+        """Loss of one packed batch `input_ids` `(B, S)` with sites `(B, M)` (sorted)."""
+        cfg, spec = self.config, self.config.spec
+        docs = doc_ids_from_eos(input_ids, self.eos_id) if cfg.document_mask else None
+
+        # Pass 1: Base over x, keeping its cache.
+        want_lm = cfg.lm_loss_weight > 0 or not spec.augments
+        base_out = self.base(
+            input_ids, attention=_causal_pattern(input_ids, docs),
+            return_kv=spec.augments, return_logits=want_lm,
+        )
+        lm_loss = _lm_loss(base_out.logits, input_ids) if want_lm else None
+        if not spec.augments:
+            return DualOutput(loss=lm_loss, ahead_loss=None, lm_loss=lm_loss, orthogonality=None, nll=None)
+        if sites is None:
+            raise PipelineError(f"variant {cfg.variant!r} needs augmentation sites")
+
+        nll, latents = self._augmented_nll(input_ids, sites, cfg.n_ahead, base_out.kv, base_out.hidden_states, docs)
+        ahead = nll.mean()
+        loss = ahead
+        ortho = None
+        if cfg.orthogonality_weight > 0:
+            ortho = orthogonality_penalty(latents)
+            loss = loss + cfg.orthogonality_weight * ortho
+        if cfg.lm_loss_weight > 0:
+            loss = loss + cfg.lm_loss_weight * lm_loss
+        return DualOutput(loss=loss, ahead_loss=ahead, lm_loss=lm_loss, orthogonality=ortho, nll=nll)
+
+    def _augmented_nll(
+        self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], base_hidden: Tensor,
+        docs: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; and the slot latents."""
+        cfg, spec = self.config, self.config.spec
+        B, S = input_ids.shape
+        M, n_l, d = sites.shape[1], cfg.n_latents, self.base.config.d_model
+        if int(sites.max()) + n_ahead >= S:
+            raise PipelineError(f"a site at {int(sites.max())} has targets past the sequence end ({S})")
+
+        # Pass 2: the slots' contents.
+        extra_kv, latents = None, None
+        if spec.has_coprocessor:
+            z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)
+            if spec.slots == "coprocessor_kv":
+                extra_kv = cop_kv
+            else:
+                latents = z
+        else:
+            latents = self.soft_tokens.expand(n_l, d).expand(B, M, n_l, d)  # slot or pause embeddings
+
+        # Pass 3: one block per site over the cache. Block positions continue from p+1;
+        # the first n_l are the slots (as input embeddings, or as injected K/V for h1).
+        r = int(cfg.reread)
+        n_tok = r + n_ahead - 1
+        tok_pos = sites.unsqueeze(-1) + (1 - r) + torch.arange(n_tok, device=sites.device)  # (B, M, n_tok)
+        tok_emb = self.base.embed(input_ids.gather(1, tok_pos.flatten(1))).view(B, M, n_tok, d)
+        if latents is not None:
+            block = torch.cat([latents.to(tok_emb.dtype), tok_emb], dim=2)  # (B, M, n_l + n_tok, d)
+            first = 1
+        else:
+            block = tok_emb
+            first = 1 + n_l
+        q_len = block.shape[2]
+        positions = sites.unsqueeze(-1) + first + torch.arange(q_len, device=sites.device)
+        prefix = cache if extra_kv is None else [
+            (torch.cat([kb, kc], dim=2), torch.cat([vb, vc], dim=2))
+            for (kb, vb), (kc, vc) in zip(cache, extra_kv, strict=True)
+        ]
+        pattern = _site_blocks(sites, S, q_len, n_l if extra_kv is not None else 0, docs)
+        out = self.base(
+            inputs_embeds=block.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=prefix,
+            attention=pattern, return_logits=False,
+        )
+        h = out.hidden_states.view(B, M, q_len, d)[:, :, -n_ahead:]  # outputs that predict targets
+        logits = self.base.lm_head(h)  # (B, M, n_ahead, V)
+        targets = input_ids.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=sites.device)).flatten(1))
+        nll = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+        return nll.view(B, M, n_ahead), latents
+
+    def _coprocessor_pass(
+        self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None
+    ) -> tuple[Tensor, list[KV]]:
+        """Z `(B, M, N_L, d)` and the Coprocessor's per-layer K/V at the M·N_L slots."""
+        cfg = self.config
+        B, S = base_hidden.shape[:2]
+        M, n_l, d = sites.shape[1], cfg.n_latents, self.base.config.d_model
+        if cfg.coprocessor_input == "last_hidden":
+            # Paper 002 §3.3.3: the Coprocessor reads [h_last(x) ; soft tokens]; its own causal
+            # pass over h_last gives the prefix K/V the slots then attend to.
+            cache = self.coprocessor(
+                inputs_embeds=base_hidden, attention=_causal_pattern(base_hidden[..., 0], docs),
+                return_kv=True, return_logits=False,
+            ).kv
+        slots = self.soft_tokens.expand(B, M, n_l, d)
+        positions = sites.unsqueeze(-1) + 1 + torch.arange(n_l, device=sites.device)  # (B, M, N_L)
+        out = self.coprocessor(
+            inputs_embeds=slots.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=cache,
+            attention=_site_blocks(sites, S, n_l, 0, docs), return_kv=True, return_logits=False,
+        )
+        return out.hidden_states.view(B, M, n_l, d), out.kv
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_sites(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True) -> Tensor:
+        """NLL `(B, M, k)` of the j-th token after each site, j = 1..k (k may exceed N_A).
+
+        `augment=False` scores the same targets with the Base alone (no slots), the
+        baseline every augmentation is compared against.
+        """
+        cfg, spec = self.config, self.config.spec
+        docs = doc_ids_from_eos(input_ids, self.eos_id) if cfg.document_mask else None
+        augment = augment and spec.augments
+        base_out = self.base(
+            input_ids, attention=_causal_pattern(input_ids, docs), return_kv=augment, return_logits=not augment,
+        )
+        if augment:
+            return self._augmented_nll(input_ids, sites, k, base_out.kv, base_out.hidden_states, docs)[0]
+        logp = base_out.logits.float().log_softmax(-1)
+        pos = sites.unsqueeze(-1) + torch.arange(k, device=sites.device)  # predicting x[pos + 1]
+        if int(pos.max()) + 1 >= input_ids.shape[1]:
+            raise PipelineError("a site's targets run past the end of the sequence")
+        tgt = input_ids.gather(1, (pos + 1).flatten(1)).view_as(pos)
+        B, M = sites.shape
+        rows = torch.arange(B, device=sites.device).view(B, 1, 1).expand_as(pos)
+        return -logp[rows, pos, tgt]
+
+
+# ---------------------------------------------------------------------- helpers
+def orthogonality_penalty(latents: Tensor) -> Tensor:
+    """mean over sites of ||ẑ ẑᵀ − I||²_F, ẑ the row-normalised `(..., N_L, d)` latents."""
+    z = F.normalize(latents.float(), dim=-1)
+    gram = z @ z.transpose(-1, -2)  # (..., N_L, N_L)
+    eye = torch.eye(gram.shape[-1], device=gram.device)
+    return ((gram - eye) ** 2).sum(dim=(-1, -2)).mean()
+
+
+def _causal_pattern(input_ids: Tensor, docs: Tensor | None) -> AttentionPattern:
+    return causal(input_ids.shape[1]) if docs is None else document_causal(docs)
+
+
+def _lm_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def _site_blocks(sites: Tensor, prefix_len: int, q_len: int, n_injected: int, docs: Tensor | None) -> AttentionPattern:
+    """Mask for M blocks of `q_len` queries after a cache of `prefix_len` positions.
+
+    Keys: the cache (visible up to the block's site, in its document), then
+    `n_injected` K/V per block visible to the whole block (h1's Coprocessor cache),
+    then the blocks themselves (causal within a block).
+    """
+    B, M = sites.shape
+    dev = sites.device
+    block_ids = torch.arange(M, device=dev)
+    q_block = block_ids.repeat_interleave(q_len)  # (M*Q,)
+    q_index = torch.arange(q_len, device=dev).repeat(M)
+    kv_block = torch.cat([
+        torch.full((prefix_len,), PREFIX_BLOCK, device=dev),
+        block_ids.repeat_interleave(n_injected),
+        q_block,
+    ])
+    kv_index = torch.cat([
+        torch.arange(prefix_len, device=dev),
+        torch.full((M * n_injected,), -1, device=dev),  # before every query of its block
+        q_index,
+    ])
+    doc_kw = {}
+    if docs is not None:
+        pad = torch.full((B, M * (n_injected + q_len)), -1, device=dev, dtype=docs.dtype)
+        doc_kw = {
+            "q_doc": docs.gather(1, sites).repeat_interleave(q_len, dim=1),
+            "kv_doc": torch.cat([docs, pad], dim=1),
+        }
+    return prefix_block_causal(
+        q_block.unsqueeze(0), q_index.unsqueeze(0), sites.repeat_interleave(q_len, dim=1),
+        kv_block.unsqueeze(0), kv_index.unsqueeze(0), **doc_kw,
+    )
+
+
+def _check_compatible(base: CausalLM, cop: CausalLM) -> None:
+    """The Coprocessor reads the Base's cache layer by layer: shapes must line up."""
+    b, c = base.config, cop.config
+    for field in ("n_layer", "n_kv_head", "head_dim", "d_model"):
+        if getattr(b, field) != getattr(c, field):
+            raise PipelineError(
+                f"coprocessor {field}={getattr(c, field)} differs from the base's {getattr(b, field)}; "
+                "the coprocessor reads the base cache layer by layer, so they must match"
+            )
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
