@@ -25,7 +25,6 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -164,14 +163,14 @@ class _Builder:
             self.resume[d["split"]] = max(self.resume[d["split"]], d["end_ordinal"])
             self.count[d["split"]] += 1
 
-    def write_batch(self, ids: list[list[int]], splits: list[str], ordinals: list[int]) -> None:
+    def write_batch(self, native: list[Any], splits: list[str], ordinals: list[int]) -> None:
         """Append a tokenized batch (in order), cutting shards at the size bound."""
-        lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1  # + EOS
+        ids = self.tok.ids
+        eos = np.array([self.tok.eos_id], self.dtype)
+        arrays = [np.array(ids(x), self.dtype) for x in native]  # fastest list -> array path
+        lengths = np.fromiter(map(len, arrays), np.int64, len(arrays)) + 1  # + EOS
+        buf = np.concatenate([a for x in arrays for a in (x, eos)])
         ends = np.cumsum(lengths)
-        buf = np.full(int(ends[-1]), self.tok.eos_id, self.dtype)
-        not_eos = np.ones(len(buf), bool)
-        not_eos[ends - 1] = False
-        buf[not_eos] = np.fromiter(chain.from_iterable(ids), self.dtype, len(buf) - len(ids))
         starts = ends - lengths
         for k, split in enumerate(splits):
             doc = buf[starts[k] : ends[k]]
@@ -297,12 +296,12 @@ def build(opts: BuildOptions, progress: Callable[[int, int], None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-prep-writer") as pool:
         pending: Future | None = None
         for texts, splits, ords in _background(batches()):
-            ids = tok.encode_batch(texts)
+            native = tok.encode_native(texts)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(b.write_batch, ids, splits, ords)
-            docs += len(ids)
-            tokens += sum(map(len, ids)) + len(ids)
+            pending = pool.submit(b.write_batch, native, splits, ords)
+            docs += len(native)
+            tokens += sum(map(len, native)) + len(native)
             if progress is not None:
                 progress(docs, tokens)
         if pending is not None:
