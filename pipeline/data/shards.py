@@ -200,7 +200,11 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
 
 
 def open_shard(prefix: str):
-    """megatron-core `IndexedDataset` over one shard prefix (`ds[i]` = document i's tokens)."""
+    """megatron-core `IndexedDataset` over one shard prefix (`ds[i]` = document i's tokens).
+
+    `ds[i]` is a view into the memory map, which megatron closes when `ds` is collected:
+    keep the dataset alive while using its arrays (or copy them).
+    """
     return _indexed_dataset().IndexedDataset(prefix, multimodal=False, mmap=True)
 
 
