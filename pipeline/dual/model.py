@@ -183,22 +183,35 @@ class DualModel(nn.Module):
         docs: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; and the slot latents."""
-        cfg, spec = self.config, self.config.spec
+        logits, latents = self.site_logits(input_ids, sites, n_ahead, cache, base_hidden, docs)
+        B, M = sites.shape
+        targets = input_ids.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=sites.device)).flatten(1))
+        nll = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+        return nll.view(B, M, n_ahead), latents
+
+    def slot_contents(
+        self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None = None
+    ) -> tuple[Tensor | None, list[KV] | None]:
+        """Pass 2: what fills each site's slots: latents `(B, M, N_L, d)` as input
+        embeddings, or (h1) per-layer K/V `(B, nkv, M*N_L, hs)` to join the cache."""
+        spec, n_l, d = self.config.spec, self.config.n_latents, self.base.config.d_model
+        if spec.has_coprocessor:
+            z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)
+            return (None, cop_kv) if spec.slots == "coprocessor_kv" else (z, None)
+        B, M = sites.shape
+        return self.soft_tokens.expand(n_l, d).expand(B, M, n_l, d), None  # slot or pause embeddings
+
+    def site_logits(
+        self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], base_hidden: Tensor,
+        docs: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Passes 2 and 3: logits `(B, M, n_ahead, V)` predicting x[p_m + k], k = 1..n_ahead."""
+        cfg = self.config
         B, S = input_ids.shape
         M, n_l, d = sites.shape[1], cfg.n_latents, self.base.config.d_model
         if int(sites.max()) + n_ahead >= S:
             raise PipelineError(f"a site at {int(sites.max())} has targets past the sequence end ({S})")
-
-        # Pass 2: the slots' contents.
-        extra_kv, latents = None, None
-        if spec.has_coprocessor:
-            z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)
-            if spec.slots == "coprocessor_kv":
-                extra_kv = cop_kv
-            else:
-                latents = z
-        else:
-            latents = self.soft_tokens.expand(n_l, d).expand(B, M, n_l, d)  # slot or pause embeddings
+        latents, extra_kv = self.slot_contents(sites, cache, base_hidden, docs)
 
         # Pass 3: one block per site over the cache. Block positions continue from p+1;
         # the first n_l are the slots (as input embeddings, or as injected K/V for h1).
@@ -214,20 +227,14 @@ class DualModel(nn.Module):
             first = 1 + n_l
         q_len = block.shape[2]
         positions = sites.unsqueeze(-1) + first + torch.arange(q_len, device=sites.device)
-        prefix = cache if extra_kv is None else [
-            (torch.cat([kb, kc], dim=2), torch.cat([vb, vc], dim=2))
-            for (kb, vb), (kc, vc) in zip(cache, extra_kv, strict=True)
-        ]
+        prefix = cache if extra_kv is None else cat_kv(cache, extra_kv)
         pattern = _site_blocks(sites, S, q_len, n_l if extra_kv is not None else 0, docs)
         out = self.base(
             inputs_embeds=block.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=prefix,
             attention=pattern, return_logits=False,
         )
         h = out.hidden_states.view(B, M, q_len, d)[:, :, -n_ahead:]  # outputs that predict targets
-        logits = self.base.lm_head(h)  # (B, M, n_ahead, V)
-        targets = input_ids.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=sites.device)).flatten(1))
-        nll = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
-        return nll.view(B, M, n_ahead), latents
+        return self.base.lm_head(h), latents  # (B, M, n_ahead, V)
 
     def _coprocessor_pass(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None
@@ -327,6 +334,11 @@ def _site_blocks(sites: Tensor, prefix_len: int, q_len: int, n_injected: int, do
         q_block.unsqueeze(0), q_index.unsqueeze(0), sites.repeat_interleave(q_len, dim=1),
         kv_block.unsqueeze(0), kv_index.unsqueeze(0), **doc_kw,
     )
+
+
+def cat_kv(a: list[KV], b: list[KV]) -> list[KV]:
+    """Per-layer concatenation of two caches along the sequence axis."""
+    return [(torch.cat([ka, kb], dim=2), torch.cat([va, vb], dim=2)) for (ka, va), (kb, vb) in zip(a, b, strict=True)]
 
 
 def _check_compatible(base: CausalLM, cop: CausalLM) -> None:

@@ -5,71 +5,20 @@ packed loss (all M sites of every sequence at once, one masked call per pass) mu
 equal the mean over sites of the same thing done one site at a time with ordinary
 causal attention: Base on x[:p+1], Coprocessor on that cache plus the soft tokens,
 then the site's decode block. Losses to 1e-5, gradients of every trainable
-parameter to 1e-4. The oracle below shares no masking code with the packed path.
+parameter to 1e-4. The oracle (`pipeline.dual.reference`) shares no masking code with the packed path.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.dual.config import DualConfig
-from pipeline.dual.model import DualModel, orthogonality_penalty
+from pipeline.dual.model import DualModel
+from pipeline.dual.reference import naive_loss
 from pipeline.models import build_model, preset
 
 EOS = 0
-
-
-def naive_loss(dual: DualModel, x: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
-    """Mean over sites of the per-site three-pass loss, one site at a time."""
-    cfg = dual.config
-    n_l, n_a, r = cfg.n_latents, cfg.n_ahead, int(cfg.reread)
-    slots = cfg.spec.slots
-    terms, latents_all = [], []
-    for b in range(x.shape[0]):
-        for p in sites[b].tolist():
-            start = 0
-            if cfg.document_mask:  # the site's document starts after the last EOS before p
-                eos = (x[b, :p] == EOS).nonzero().flatten()
-                start = int(eos[-1]) + 1 if len(eos) else 0
-            ctx = x[b : b + 1, start : p + 1]
-            ctx_pos = torch.arange(start, p + 1)
-            base = dual.base(ctx, position_ids=ctx_pos, return_kv=True, return_logits=False)
-            cache = base.kv
-            if dual.coprocessor is not None:
-                cop_prefix = cache
-                if cfg.coprocessor_input == "last_hidden":
-                    cop_prefix = dual.coprocessor(
-                        inputs_embeds=base.hidden_states, position_ids=ctx_pos, return_kv=True,
-                        return_logits=False,
-                    ).kv
-                cop = dual.coprocessor(
-                    inputs_embeds=dual.soft_tokens[None], position_ids=torch.arange(p + 1, p + 1 + n_l),
-                    prefix_kv=cop_prefix, return_kv=True, return_logits=False,
-                )
-                z, cop_kv = cop.hidden_states[0], cop.kv
-            else:
-                z = dual.soft_tokens.expand(n_l, -1)
-            toks = dual.base.embed(x[b, p + 1 - r : p + n_a])  # (r + n_a - 1, d)
-            if slots == "coprocessor_kv":  # h1: the Coprocessor's K/V join the cache
-                prefix = [(torch.cat([kb, kc], 2), torch.cat([vb, vc], 2)) for (kb, vb), (kc, vc) in zip(cache, cop_kv, strict=True)]
-                inputs, first = toks, p + 1 + n_l
-            else:
-                prefix, inputs, first = cache, torch.cat([z, toks]), p + 1
-                latents_all.append(z)
-            out = dual.base(
-                inputs_embeds=inputs[None], position_ids=torch.arange(first, first + len(inputs)), prefix_kv=prefix,
-            )
-            targets = x[b, p + 1 : p + 1 + n_a]
-            terms.append(F.cross_entropy(out.logits[0, -n_a:], targets, reduction="none"))
-    loss = torch.stack(terms).mean()
-    if cfg.orthogonality_weight > 0:
-        loss = loss + cfg.orthogonality_weight * orthogonality_penalty(torch.stack(latents_all))
-    if cfg.lm_loss_weight > 0:
-        full = dual.base(x).logits
-        loss = loss + cfg.lm_loss_weight * F.cross_entropy(full[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-    return loss
 
 
 CASES = {
