@@ -197,8 +197,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         tok = tokenizer.load_tokenizer(args.tokenizer or m.tokenizer["path"], m.tokenizer.get("eos_token"))
         for prefix, i, ids in report.sample_documents(m, args.samples):
             text = tok.decode(ids.tolist())
-            more = "..." if len(text) > args.chars else ""
-            print(f"--- {prefix} document {i} ({len(ids)} tokens) ---\n{text[: args.chars]}{more}")
+            if len(text) > args.chars:  # keep the end visible: it shows the EOS
+                text = f"{text[: args.chars - 60]} [...] {text[-60:]}"
+            print(f"--- {prefix} document {i} ({len(ids)} tokens) ---\n{text}")
     return 0
 
 
