@@ -237,6 +237,12 @@ def build_plan(opts: argparse.Namespace, user_args: list[str], environ: dict[str
     return Plan(argv + script, files)
 
 
+def write_files(files: dict[Path, str]) -> None:
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split at the first `--`: our options before it, launchers/pretrain.py's after it."""
     ours, user = (
@@ -290,15 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"launch_cmd.py: error: {err}", file=sys.stderr)
         return 2
-    for path, text in plan.files.items():
-        if opts.dry_run:
-            sys.stderr.write(f"# would write {path}:\n{text}")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
     if opts.dry_run:
+        for path, text in plan.files.items():
+            sys.stderr.write(f"# would write {path}:\n{text}")
         print(shlex.join(plan.argv))
         return 0
+    write_files(plan.files)
     sys.stdout.flush()
     os.execvp(plan.argv[0], plan.argv)  # replaces this process: signals reach deepspeed directly
     return 1  # unreachable
