@@ -1,0 +1,95 @@
+"""Speed of the packed three-pass step against the per-site loop and a plain LM step.
+
+    python launchers/benchmark.py dual                          # CPU, gpt2-tiny, S=256, N_L=N_A=8
+    python launchers/benchmark.py dual --sites 1 4 16 64 --variant liu
+
+One step = the variant's loss, backward, AdamW on its trainable parameters.
+"packed" is `DualModel.forward` (all M sites at once); "loop" is the per-site
+reference (`pipeline.dual.reference`, one site at a time); "plain" is a causal-LM
+step of the same Base on the same batch. FLOPs are counted by torch's
+FlopCounterMode on the step actually run (dense-mask attention included), so
+achieved FLOP/s compares how well each step keeps the hardware busy.
+Nothing is asserted: this prints figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.dual.config import DualConfig
+from pipeline.dual.model import DualModel
+from pipeline.dual.reference import naive_loss
+from pipeline.models import build_model, preset
+from pipeline.models.benchmark import time_interleaved
+
+
+def _step(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def step() -> None:
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _count_flops(fn: Callable[[], None]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="benchmark.py dual", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="gpt2-tiny", help="model preset of the Base (and Coprocessor)")
+    ap.add_argument("--variant", default="h2", help="dual variant (h2 trains everything, like the plain step)")
+    ap.add_argument("--seq", type=int, default=256, help="sequence length S")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--n-latents", type=int, default=8)
+    ap.add_argument("--n-ahead", type=int, default=8)
+    ap.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16, 64], help="values of M")
+    ap.add_argument("--rounds", type=int, default=5, help="timed steps per candidate (median reported)")
+    ap.add_argument("--no-loop", action="store_true", help="skip the (slow) per-site loop")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    cfg_model = preset(args.preset, max_position_embeddings=max(args.seq + args.n_latents + args.n_ahead + 1, 128))
+    print(f"device {device}, threads {torch.get_num_threads()}, preset {args.preset}, variant {args.variant}, "
+          f"B={args.batch} S={args.seq} N_L={args.n_latents} N_A={args.n_ahead}")
+    print(f"{'M':>4} {'packed ms':>10} {'loop ms':>10} {'speedup':>8} {'target':>7} "
+          f"{'packed GFLOP/s':>15} {'plain GFLOP/s':>14} {'ratio':>6}")
+    for m in args.sites:
+        base = build_model(cfg_model)
+        dual = DualModel(base, DualConfig(variant=args.variant, n_latents=args.n_latents, n_ahead=args.n_ahead,
+                                          n_sites=m), eos_id=None)
+        x = torch.randint(0, cfg_model.vocab_size, (args.batch, args.seq))
+        sites = dual.sample_sites(x, torch.Generator().manual_seed(m))
+        trainable = [p for p in dual.parameters() if p.requires_grad]
+        plain_base = copy.deepcopy(dual.base).requires_grad_(True)  # the plain step trains a whole Base
+
+        def plain_loss(base=plain_base, x=x):
+            logits = base(x).logits
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+        steps = {"packed": _step(trainable, lambda d=dual, x=x, s=sites: d(x, s).loss),
+                 "plain": _step(list(plain_base.parameters()), plain_loss)}
+        if not args.no_loop:
+            steps["loop"] = _step(trainable, lambda d=dual, x=x, s=sites: naive_loss(d, x, s))
+        flops = {name: _count_flops(step) for name, step in steps.items() if name != "loop"}
+        times = time_interleaved(steps, rounds=args.rounds, warmup=1, device=device)
+        packed_gfs = flops["packed"] / times["packed"] / 1e9
+        plain_gfs = flops["plain"] / times["plain"] / 1e9
+        loop = f"{times['loop'] * 1e3:>10.1f}" if "loop" in times else f"{'-':>10}"
+        speedup = f"{times['loop'] / times['packed']:>7.1f}x" if "loop" in times else f"{'-':>8}"
+        print(f"{m:>4} {times['packed'] * 1e3:>10.1f} {loop} {speedup} {m / 2:>6.1f}x "
+              f"{packed_gfs:>15.2f} {plain_gfs:>14.2f} {packed_gfs / plain_gfs:>6.2f}", flush=True)
+    return 0
