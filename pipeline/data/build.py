@@ -223,6 +223,8 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, A
     if (out / shards.MANIFEST).is_file():
         raise PipelineError(f"{out} already holds a finished dataset ({shards.MANIFEST}); choose a "
                             "new --output, or pass --overwrite to rebuild it")
+    for name in (STATE, shards.MANIFEST):  # half-written JSON of a killed run
+        (out / f"{name}.tmp").unlink(missing_ok=True)
     state: dict[str, Any] = {}
     if (out / STATE).is_file():
         try:
@@ -245,6 +247,9 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*/*.tmp"):
         tmp.unlink()
+    if not state:  # from now on the directory says: an unfinished build lives here
+        state = {"fingerprint": fingerprint, "shards": []}
+        shards.write_json_atomic(out / STATE, state)
     return state
 
 

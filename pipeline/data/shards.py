@@ -181,7 +181,7 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         hint = (" (a build is unfinished there: run the same build command again to finish it)"
-                if any(root.glob("build-state*.json")) else "")
+                if any(root.glob("build-state.json*")) else "")
         raise PipelineError(f"{path}: no manifest; is {root} a data-prep output dir?{hint}")
     try:
         raw = json.loads(path.read_text())
