@@ -47,6 +47,9 @@ class ModelConfig:
     """LayerNorm / RMSNorm epsilon."""
     rope_theta: float = 10000.0
     """RoPE base (llama family)."""
+    rope_scaling: dict[str, float] | None = None
+    """Llama 3 RoPE rescaling (`factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`); None = plain RoPE."""
     qk_norm: bool = False
     """RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
     qkv_bias: bool = False
@@ -97,6 +100,10 @@ class ModelConfig:
             self.qkv_bias = self.o_bias = self.mlp_bias = True
         elif self.d_ff is None:
             raise PipelineError("llama family needs d_ff (HF intermediate_size)")
+        if self.rope_scaling is not None:
+            need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if self.family != "llama" or set(self.rope_scaling) != need:
+                raise PipelineError(f"rope_scaling must be a llama-family dict with keys {sorted(need)}")
         if self.family == "llama" and self.head_dim % 2:
             raise PipelineError(f"RoPE needs an even head_dim, got {self.head_dim}")
 
@@ -138,6 +145,7 @@ class ModelConfig:
             "rms_norm_eps": self.norm_eps, "hidden_act": "silu",
             "rope_theta": self.rope_theta,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "rope_scaling": None,
             "attention_dropout": 0.0, "initializer_range": self.init_std,
         }
         if self.hf_model_type == "llama":
@@ -148,6 +156,10 @@ class ModelConfig:
             out |= {"attention_bias": self.qkv_bias, "use_sliding_window": False}
         else:
             out |= {"use_sliding_window": False}
+        if self.rope_scaling is not None:
+            out["rope_parameters"] = out["rope_scaling"] = {
+                "rope_type": "llama3", "rope_theta": self.rope_theta, **self.rope_scaling
+            }
         return out
 
     @classmethod
@@ -190,8 +202,10 @@ class ModelConfig:
     def _from_hf_llama(cls, hf: dict[str, Any], model_type: str, where: str) -> ModelConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise PipelineError(f"{where}: rope type {rope_type!r} is not supported (only 'default')")
+        if rope_type not in ("default", "llama3"):
+            raise PipelineError(f"{where}: rope type {rope_type!r} is not supported ('default', 'llama3')")
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        scaling = {k: rope[k] for k in keys} if rope_type == "llama3" else None
         if hf.get("hidden_act", "silu") != "silu":
             raise PipelineError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         if hf.get("use_sliding_window", False):
@@ -207,6 +221,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
             qk_norm=model_type == "qwen3",
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias if model_type in ("llama", "qwen3") else False,

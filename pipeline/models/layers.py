@@ -9,6 +9,8 @@ another model reads as its prefix.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,10 +34,28 @@ class RMSNorm(nn.Module):
         return self.weight * normed
 
 
-def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, device: torch.device) -> Tensor:
+    """Angular frequency of each rotated pair `(hs/2,)`, float32; `scaling` = Llama 3 rescaling."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    if scaling is None:
+        return inv_freq
+    # Llama 3.x: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    position_ids: Tensor, head_dim: int, theta: float, dtype: torch.dtype, scaling: dict | None = None
+) -> tuple[Tensor, Tensor]:
     """cos, sin `(B, 1, T, head_dim)` for RoPE in the rotate-half layout, computed in float32."""
-    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)  # (hs/2,)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)  # (hs/2,)
     freqs = position_ids[:, :, None].float() * inv_freq  # (B, T, hs/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hs)
     return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -86,7 +86,7 @@ class LlamaLM(CausalLM):
 
     def _positions(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Rope]:
         cfg = self.config
-        return x, rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype)
+        return x, rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x.dtype, cfg.rope_scaling)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

@@ -16,8 +16,14 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def _model(name, seed=0):
+    """Random weights with norm scales near 1: sharp attention, so mask or position errors show."""
     torch.manual_seed(seed)
-    return build_model(preset(name)).eval()
+    model = build_model(preset(name)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            is_norm = p.dim() == 1 and pname.endswith("weight") and ("norm" in pname or ".ln" in pname)
+            p.normal_(1.0 if is_norm else 0.0, 0.1)
+    return model
 
 
 def _ids(b=2, t=64, seed=0):

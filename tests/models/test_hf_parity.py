@@ -18,6 +18,8 @@ CONFIGS = {
     "llama": lambda: preset("llama-tiny"),
     "llama-bias-tied": lambda: preset("llama-tiny", qkv_bias=True, o_bias=True, tie_word_embeddings=True),
     "qwen2": lambda: preset("llama-tiny", hf_model_type="qwen2", qkv_bias=True, rope_theta=1e6),
+    "llama3-rope": lambda: preset("llama-tiny", rope_scaling=dict(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)),
     "qwen3": lambda: preset("qwen3-tiny"),
     "qwen3-untied": lambda: preset("qwen3-tiny", tie_word_embeddings=False),
 }
@@ -27,10 +29,17 @@ def _hf_model(config: ModelConfig, seed: int = 0):
     hf_config = transformers.AutoConfig.for_model(**config.to_hf())
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
-    with torch.no_grad():  # every weight random, so biases and norm scales are tested too
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
+    _randomize(model)
     return model.eval()
+
+
+def _randomize(model):
+    """Every weight random (biases and norm scales are tested too); norm scales near 1 so
+    attention is sharp enough for position errors to show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm = p.dim() == 1 and name.endswith("weight") and ("norm" in name or ".ln" in name)
+            p.normal_(1.0 if is_norm else 0.0, 0.1)
 
 
 def _ids(seed=0, b=2, t=64, vocab=256):
@@ -62,9 +71,7 @@ def test_our_save_then_transformers_load(name, tmp_path):
     config = CONFIGS[name]()
     torch.manual_seed(1)
     ours = build_model(config).eval()
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0.0, 0.1)
+    _randomize(ours)
     ours.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == json.loads((tmp_path / "config.json").read_text())["architectures"][0]
