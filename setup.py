@@ -37,6 +37,7 @@ setup(
     ],
     extras_require={
         "dev": [
+            "packaging>=23",
             "pytest>=8",
             "pytest-timeout>=2.3",
             "ruff>=0.6",
