@@ -106,8 +106,8 @@ def load_state(model: CausalLM, tensors: dict[str, Tensor], *, where: str = "che
         expected.pop("lm_head.weight")
         head = tensors.pop("lm_head.weight", None)
         if head is not None:  # some tied checkpoints store the head anyway
-            emb = next(v for k, v in tensors.items() if k.endswith(("wte.weight", "embed_tokens.weight")))
-            if not torch.equal(head, emb):
+            emb = next((v for k, v in tensors.items() if k.endswith(("wte.weight", "embed_tokens.weight"))), None)
+            if emb is not None and not torch.equal(head, emb):
                 raise PipelineError(f"{where}: tensor 'lm_head.weight' differs from the embedding, "
                                     "but the config ties them (tie_word_embeddings)")
     unexpected = sorted(set(tensors) - set(expected))

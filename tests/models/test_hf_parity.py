@@ -138,3 +138,18 @@ def test_public_presets_match_transformers_defaults(name):
     with torch.device("meta"):
         n = build_model(config).num_params()
     assert abs(n - {"gpt2-124m": 124.44e6, "qwen3-0.6b": 596.05e6}[name]) < 0.01e6
+
+
+def test_public_gpt2_layout(tmp_path):
+    """The public gpt2 checkpoint was saved from GPT2Model: no 'transformer.' prefix, old mask buffers."""
+    from safetensors.torch import load_file, save_file
+
+    ours = build_model(preset("gpt2-tiny")).eval()
+    _randomize(ours)
+    ours.save_pretrained(tmp_path)
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.ones(1, 1, 128, 128).tril()
+    save_file(tensors, tmp_path / "model.safetensors")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path)(ids).logits, ours(ids).logits)
