@@ -176,11 +176,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor
 
         fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
         return fn(q, k, v, block_mask=pattern.block_mask(q.device), enable_gqa=gqa)
-    if gqa and q.device.type == "cpu":
-        # CPU SDPA's fused kernels do not take GQA; repeating K/V keeps the fast path.
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        gqa = False
     if pattern.is_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask(q.device), enable_gqa=gqa)
