@@ -3,7 +3,8 @@
     python launchers/benchmark.py dual                          # CPU, gpt2-tiny, S=256, N_L=N_A=8
     python launchers/benchmark.py dual --sites 1 4 16 64 --variant liu
 
-One step = the variant's loss, backward, AdamW on its trainable parameters.
+One step = the variant's loss, backward, AdamW on its trainable parameters
+(`--no-optimizer`: loss and backward only).
 "packed" is `DualModel.forward` (all M sites at once); "loop" is the per-site
 reference (`pipeline.dual.reference`, one site at a time); "plain" is a causal-LM
 step of the same Base on the same batch. FLOPs are counted by torch's
@@ -29,12 +30,14 @@ from pipeline.models import build_model, preset
 from pipeline.models.benchmark import time_interleaved
 
 
-def _step(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+def _step(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor],
+          optimizer: bool = True) -> Callable[[], None]:
     opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
     def step() -> None:
         loss_fn().backward()
-        opt.step()
+        if optimizer:
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16, 64], help="values of M")
     ap.add_argument("--rounds", type=int, default=5, help="timed steps per candidate (median reported)")
     ap.add_argument("--no-loop", action="store_true", help="skip the (slow) per-site loop")
+    ap.add_argument("--no-optimizer", action="store_true",
+                    help="time forward+backward only (h2 updates two models, the plain step one)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -80,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
             logits = base(x).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
 
-        steps = {"packed": _step(trainable, lambda d=dual, x=x, s=sites: d(x, s).loss),
-                 "plain": _step(list(plain_base.parameters()), plain_loss)}
+        opt = not args.no_optimizer
+        steps = {"packed": _step(trainable, lambda d=dual, x=x, s=sites: d(x, s).loss, opt),
+                 "plain": _step(list(plain_base.parameters()), plain_loss, opt)}
         if not args.no_loop:
-            steps["loop"] = _step(trainable, lambda d=dual, x=x, s=sites: naive_loss(d, x, s))
+            steps["loop"] = _step(trainable, lambda d=dual, x=x, s=sites: naive_loss(d, x, s), opt)
         flops = {name: _count_flops(step) for name, step in steps.items() if name != "loop"}
         times = time_interleaved(steps, rounds=args.rounds, warmup=1, device=device)
         packed_gfs = flops["packed"] / times["packed"] / 1e9
