@@ -1,0 +1,105 @@
+"""Evaluate exported model directories (or plain HF checkpoints, as baselines).
+
+    python launchers/evaluate.py ppl-at-k --model runs/liu/export --model runs/cp/export --k 32 \
+        [--data DATA_DIR] [--every-position | --sites-per-doc 8] [--dump sites.jsonl] --out eval/
+    python launchers/evaluate.py mc --model DIR --task hellaswag=hellaswag_val.jsonl \
+        --task arc_easy=ARC-Easy-Test.jsonl [--tokenizer TOK] --out eval/
+    python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
+
+Results go to OUT/<task>.json and .md (ppl-at-k also OUT/ppl_at_k.png), and to MLflow
+with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import PipelineError
+from pipeline.paths import shared_data_dir
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", action="append", required=True, help="model directory (repeatable)")
+    common.add_argument("--limit", type=int, help="first N documents / questions only")
+    common.add_argument("--out", default="eval", help="output directory (default: eval)")
+    common.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    common.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    common.add_argument("--batch-size", type=int, default=None)
+    common.add_argument("--mlflow-run", help="log into this existing MLflow run id")
+    common.add_argument("--mlflow-experiment", help="log into a new run of this MLflow experiment")
+    pk = sub.add_parser("ppl-at-k", parents=[common], help="ppl of the k-th token after augmentation")
+    pk.add_argument("--data", help="data-prep dir (default: run_config.data.path of pipeline.json)")
+    pk.add_argument("--k", type=int, default=32)
+    pk.add_argument("--sites-per-doc", type=int, default=8)
+    pk.add_argument("--every-position", action="store_true", help="every allowed site (as paper 002)")
+    pk.add_argument("--sites-per-row", type=int, default=16)
+    pk.add_argument("--seed", type=int, default=0)
+    pk.add_argument("--dump", help="write the per-site JSON lines here")
+    mc = sub.add_parser("mc", parents=[common], help="zero-shot multiple choice (acc, acc_norm)")
+    mc.add_argument("--task", action="append", default=[], metavar="NAME=FILE",
+                    help="hellaswag, arc_easy, arc_challenge, piqa, siqa, winogrande (repeatable)")
+    mc.add_argument("--tokenizer")
+    gs = sub.add_parser("gsm8k", parents=[common], help="GSM8K few-shot greedy exact match")
+    gs.add_argument("--test", default=str(shared_data_dir() / "gsm8k" / "test.jsonl"))
+    gs.add_argument("--train", default=str(shared_data_dir() / "gsm8k" / "train.jsonl"))
+    gs.add_argument("--shots", type=int, default=8)
+    gs.add_argument("--seed", type=int, default=0)
+    gs.add_argument("--max-new-tokens", type=int, default=256)
+    gs.add_argument("--tokenizer")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        import torch
+        from tqdm import tqdm
+
+        from pipeline.eval import runner
+        from pipeline.eval.ppl import PplConfig
+
+        def bar(total: int, desc: str) -> tqdm:
+            return tqdm(total=total, desc=desc, unit="site" if args.cmd == "ppl-at-k" else "req")
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        models = runner.load_models(args.model, device=device, dtype=args.dtype)
+        log = dict(mlflow_run=args.mlflow_run, mlflow_experiment=args.mlflow_experiment, bar=bar)
+        if args.cmd == "ppl-at-k":
+            cfg = PplConfig(k=args.k, sites_per_doc=None if args.every_position else args.sites_per_doc,
+                            seed=args.seed, batch_size=args.batch_size or 4, sites_per_row=args.sites_per_row)
+            res = runner.run_ppl_at_k(models, out=args.out, data=args.data, cfg=cfg, limit=args.limit,
+                                      dump=args.dump, **log)
+            stem = "ppl_at_k"
+        elif args.cmd == "mc":
+            tasks = dict(_split_task(t) for t in args.task)
+            res = runner.run_mc(models, tasks, out=args.out, tokenizer=args.tokenizer, limit=args.limit,
+                                batch_size=args.batch_size or 16, **log)
+            stem = "multiple_choice"
+        else:
+            res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,
+                                   tokenizer=args.tokenizer, shots=args.shots, seed=args.seed, limit=args.limit,
+                                   max_new_tokens=args.max_new_tokens, **log)
+            stem = "gsm8k"
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    print((Path(args.out) / f"{stem}.md").read_text(), end="")
+    print(f"results: {Path(args.out) / stem}.json" + (f"; dump: {args.dump}" if getattr(args, "dump", None) else ""))
+    return 0 if res else 1
+
+
+def _split_task(spec: str) -> tuple[str, str]:
+    if "=" not in spec:
+        raise PipelineError(f"--task {spec!r}: expected NAME=FILE, e.g. hellaswag=hellaswag_val.jsonl")
+    name, path = spec.split("=", 1)
+    return name, path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

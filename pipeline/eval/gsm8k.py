@@ -1,0 +1,116 @@
+"""GSM8K few-shot generation: k-shot prompts from the train split, greedy, exact match.
+
+Prompt (lm-eval's `gsm8k` layout): k solved train problems, then the test question,
+each as "Question: {q}\\nAnswer: {a}" separated by a blank line. The model augments
+once at the end of the prompt, then decodes greedily; the generation is cut at the
+first "Question:" or blank line and its final number compared with the reference's
+`#### N` (commas, `$` and trailing zeros after a decimal point ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.data.tokenizer import Tokenizer
+from pipeline.errors import PipelineError
+from pipeline.eval.models import EvalModel
+
+log = logging.getLogger(__name__)
+
+STOP = ("Question:", "\n\n")
+_NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_HASH = re.compile(r"####\s*(" + _NUMBER + ")")
+_ANY = re.compile(_NUMBER)
+
+
+def read_gsm8k(path: str | Path) -> list[dict[str, str]]:
+    """Rows {"question", "answer"} of a GSM8K jsonl file; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        for key in ("question", "answer"):
+            if not isinstance(row, dict) or key not in row:
+                raise PipelineError(f"{path}:{n}: missing field {key!r} (expected: question, answer)")
+        rows.append({"question": row["question"], "answer": row["answer"]})
+    if not rows:
+        raise PipelineError(f"{path}: no problems")
+    return rows
+
+
+def normalize_number(text: str) -> str | None:
+    """Canonical form of a number: '1,234' -> '1234', '$5.50' -> '5.5', '-3.0' -> '-3'."""
+    s = text.replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer: the number after '####' if present, else the last number; None if none."""
+    m = _HASH.search(text)
+    if m:
+        return normalize_number(m.group(1))
+    nums = _ANY.findall(text)
+    return normalize_number(nums[-1]) if nums else None
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...] = STOP) -> str:
+    cut = min((text.find(s) for s in stops if s in text), default=len(text))
+    return text[:cut]
+
+
+def build_prompt(shots: list[dict[str, str]], question: str) -> str:
+    parts = [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]
+    parts.append(f"Question: {question}\nAnswer:")
+    return "\n\n".join(parts)
+
+
+def evaluate_gsm8k(model: EvalModel, tok: Tokenizer, test: list[dict[str, str]], train: list[dict[str, str]],
+                   *, shots: int = 8, seed: int = 0, max_new_tokens: int = 256,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Exact-match accuracy; per-question records keep prompt size, generation and answers."""
+    if shots > len(train):
+        raise PipelineError(f"--shots {shots} exceeds the {len(train)} train problems")
+    rng = random.Random(seed)
+    records, correct = [], 0
+    for i, row in enumerate(test):
+        shot_rows = rng.sample(train, shots)
+        ids = tok.encode_batch([build_prompt(shot_rows, row["question"])])[0]
+        keep = model.last_site(max_new_tokens) + 1
+        if len(ids) > keep:
+            log.warning("question %d: prompt of %d tokens cut to the last %d", i, len(ids), keep)
+            ids = ids[-keep:]
+        new = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id)[0]
+        new = new.tolist()
+        if tok.eos_id in new:
+            new = new[: new.index(tok.eos_id)]
+        text = cut_at_stop(tok.decode(new))
+        pred, gold = extract_answer(text), extract_answer(row["answer"])
+        ok = pred is not None and pred == gold
+        correct += ok
+        records.append({"index": i, "prompt_tokens": len(ids), "generation": text, "pred": pred,
+                        "gold": gold, "correct": ok})
+        if progress is not None:
+            progress(1)
+    return {"n": len(test), "shots": shots, "exact_match": correct / len(test), "records": records}

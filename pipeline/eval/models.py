@@ -1,0 +1,174 @@
+"""What the evaluation stage scores: an exported dual model, or a plain HF checkpoint.
+
+    model = load_eval_model("runs/x/export")        # pipeline.json -> DualModel
+    model = load_eval_model("hf/gpt2")              # no pipeline.json -> Base alone
+    nll, greedy = model.site_logprobs(ids, sites, k)  # (B, M, k) each
+
+A plain checkpoint is wrapped as the `continued_pretraining` row (no augmentation), so
+both kinds go through the same `DualModel` scorer; `augments` says which one it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.attention import causal, doc_ids_from_eos, document_causal
+from pipeline.data.tokenizer import Tokenizer, load_tokenizer
+from pipeline.dual import DualConfig, DualModel, augment_and_generate, load_dual, read_pipeline_json
+from pipeline.dual.sites import last_allowed_site
+from pipeline.errors import PipelineError
+from pipeline.models import from_pretrained
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalModel:
+    """A loaded model directory plus what the evaluation needs to know about it."""
+
+    name: str
+    path: Path
+    dual: DualModel
+    meta: dict[str, Any] | None
+    """pipeline.json of an export; None for a plain Hugging Face checkpoint."""
+
+    @property
+    def augments(self) -> bool:
+        return self.dual.config.spec.augments
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dual.parameters()).device
+
+    @property
+    def variant(self) -> str:
+        return self.dual.config.variant if self.meta is not None else "hf_base"
+
+    @property
+    def max_positions(self) -> int:
+        return self.dual.base.config.max_position_embeddings
+
+    def last_site(self, k: int, augment: bool = True) -> int:
+        """Largest site p whose k following tokens fit the model's positions.
+
+        The scored row x[0 .. p+k] is one Base pass (p + k + 1 <= max positions), and the
+        decode block after augmentation uses positions up to p + N_L + reread + k - 1.
+        """
+        by_row = self.max_positions - k - 1
+        if augment and self.augments:
+            cfg = self.dual.config
+            return min(by_row, last_allowed_site(1 << 62, cfg.n_latents, k, cfg.reread, self.max_positions))
+        return by_row
+
+    def data_path(self) -> str | None:
+        """The shard directory the model trained on (run_config.data.path), if recorded."""
+        run = (self.meta or {}).get("run_config") or {}
+        data = run.get("data") or {}
+        return data.get("path") if isinstance(data, dict) else None
+
+    def describe(self) -> dict[str, Any]:
+        cfg = self.dual.config
+        return {
+            "name": self.name, "path": str(self.path), "variant": self.variant,
+            "n_latents": cfg.n_latents if self.augments else 0,
+            "n_ahead": cfg.n_ahead if self.augments else 0,
+        }
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score_sites(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True) -> Tensor:
+        """NLL `(B, M, k)` of x[p+1 .. p+k] per site (the dual model's own scorer)."""
+        return self.dual.score_sites(input_ids.to(self.device), sites.to(self.device), k,
+                                     augment=augment and self.augments).float()
+
+    @torch.no_grad()
+    def site_logprobs(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True
+                      ) -> tuple[Tensor, Tensor]:
+        """`score_sites` plus whether each target is the argmax (lm-eval's `is_greedy`).
+
+        Same computation as `DualModel.score_sites`, keeping the logits for the argmax.
+        """
+        dual = self.dual
+        ids, sites = input_ids.to(self.device), sites.to(self.device)
+        docs = doc_ids_from_eos(ids, dual.eos_id) if dual.config.document_mask else None
+        pattern = causal(ids.shape[1]) if docs is None else document_causal(docs)
+        pos = sites.unsqueeze(-1) + torch.arange(k, device=ids.device)  # (B, M, k) predicting x[pos + 1]
+        if int(pos.max()) + 1 >= ids.shape[1]:
+            raise PipelineError("a site's targets run past the end of the sequence")
+        targets = ids.gather(1, (pos + 1).flatten(1)).view_as(pos)
+        if augment and self.augments:
+            out = dual.base(ids, attention=pattern, return_kv=True, return_logits=False)
+            logits, _ = dual.site_logits(ids, sites, k, out.kv, out.hidden_states, docs)  # (B, M, k, V)
+        else:
+            all_logits = dual.base(ids, attention=pattern).logits  # (B, S, V)
+            rows = torch.arange(ids.shape[0], device=ids.device).view(-1, 1, 1).expand_as(pos)
+            logits = all_logits[rows, pos]
+        logits = logits.float()
+        nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view_as(pos)
+        greedy = logits.argmax(-1) == targets
+        return nll, greedy
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, *, max_new_tokens: int, eos_token_id: int | None) -> Tensor:
+        """Greedy continuation `(B, max_new_tokens)`, augmenting once at the prompt's end."""
+        return augment_and_generate(self.dual, prompt_ids.to(self.device), max_new_tokens=max_new_tokens,
+                                    temperature=0.0, eos_token_id=eos_token_id)
+
+
+def load_eval_model(path: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, name: str | None = None) -> EvalModel:
+    """An export (has pipeline.json) or a plain Hugging Face checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PipelineError(f"--model {path}: not a directory")
+    name = name or path.name
+    if (path / "pipeline.json").is_file():
+        meta = read_pipeline_json(path)
+        dual = load_dual(path, device=device).to(dtype)
+        log.info("loaded export %s (variant %s)", path, meta["variant"])
+        return EvalModel(name, path, dual.eval(), meta)
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"--model {path}: neither an export (pipeline.json) nor a Hugging Face "
+                            "checkpoint (config.json + model.safetensors)")
+    base = from_pretrained(path, dtype=dtype, device=device)
+    cfg = DualConfig(variant="continued_pretraining", n_sites=1)
+    dual = DualModel(base, cfg, eos_id=base.config.eos_token_id)
+    return EvalModel(name, path, dual.eval(), None)
+
+
+def resolve_tokenizer(models: list[EvalModel], override: str | None = None) -> Tokenizer:
+    """`--tokenizer`, else one beside a model, else the one of the model's training data."""
+    if override:
+        return load_tokenizer(override)
+    for m in models:
+        for d in (m.path, m.path / "base"):
+            if (d / "tokenizer.json").is_file():
+                return load_tokenizer(d)
+    from pipeline.data.shards import load_manifest
+
+    for m in models:
+        data = m.data_path()
+        if data and Path(data).is_dir():
+            tok = load_manifest(data).tokenizer.get("path")
+            if tok and Path(tok).exists():
+                return load_tokenizer(tok)
+    raise PipelineError("no tokenizer found: give --tokenizer (none beside the models, and no "
+                        "run_config.data.path manifest in their pipeline.json names one)")
+
+
+def unique_names(models: list[EvalModel]) -> None:
+    """Make model names distinct (directory names can repeat: a/export, b/export)."""
+    seen: dict[str, int] = {}
+    for m in models:
+        if m.name in seen:
+            seen[m.name] += 1
+            m.name = f"{m.name}-{seen[m.name]}"
+        else:
+            seen[m.name] = 1

@@ -1,0 +1,151 @@
+"""The evaluation subcommands as functions: load models, run, write JSON/markdown/plots/MLflow.
+
+`launchers/evaluate.py` parses arguments and calls these; tests call them directly.
+`bar(total, desc)` makes a progress bar (tqdm in the CLI; a no-op by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.eval import gsm8k as g8
+from pipeline.eval import multiple_choice as mc
+from pipeline.eval import ppl as pk
+from pipeline.eval.models import EvalModel, load_eval_model, resolve_tokenizer, unique_names
+from pipeline.eval.plots import plot_ppl_at_k
+from pipeline.eval.report import log_mlflow, write_results
+
+Bar = Callable[[int, str], Any]
+
+
+class _NoBar(contextlib.AbstractContextManager):
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _no_bar(total: int, desc: str) -> Any:
+    return _NoBar()
+
+
+def load_models(paths: list[str], *, device: str, dtype: str = "float32") -> list[EvalModel]:
+    if not paths:
+        raise PipelineError("give at least one --model DIR")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    models = [load_eval_model(p, device=device, dtype=dt) for p in paths]
+    unique_names(models)
+    return models
+
+
+def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None = None,
+                 cfg: pk.PplConfig | None = None, limit: int | None = None, dump: str | None = None,
+                 mlflow_run: str | None = None, mlflow_experiment: str | None = None,
+                 bar: Bar = _no_bar) -> dict[str, Any]:
+    """ppl of the k-th token after augmentation for each model, on the same sites."""
+    cfg = cfg or pk.PplConfig()
+    if data is None:
+        paths = {m.data_path() for m in models} - {None}
+        if not paths:
+            raise PipelineError("no --data given and no model's pipeline.json records run_config.data.path")
+        if len(paths) > 1:
+            raise PipelineError(f"the models trained on different data ({', '.join(sorted(paths))}); pass --data")
+        data = paths.pop()
+    docs = pk.load_documents(data, limit=limit)
+    from pipeline.data.shards import load_manifest
+
+    manifest = load_manifest(data)
+    for m in models:
+        if manifest.vocab_size > m.dual.base.config.vocab_size:
+            raise PipelineError(f"{data}: vocab {manifest.vocab_size} exceeds model {m.name}'s "
+                                f"{m.dual.base.config.vocab_size}")
+    plan = pk.plan_sites(docs, cfg, min(m.last_site(cfg.k) for m in models))
+    summaries, dumps = [], []
+    for m in models:
+        with bar(len(plan), f"{m.name} augmented" if m.augments else m.name) as b:
+            nll = pk.score_plan(m, docs, plan, cfg, augment=True, pad_id=manifest.eos_id, progress=b.update)
+        nll_base = nll
+        if m.augments:
+            with bar(len(plan), f"{m.name} base alone") as b:
+                nll_base = pk.score_plan(m, docs, plan, cfg, augment=False, pad_id=manifest.eos_id,
+                                         progress=b.update)
+        summaries.append(pk.summarize(m, nll, nll_base))
+        dumps.append((m.name, nll, nll_base if m.augments else None))
+    results = {
+        "task": "ppl_at_k", "k": cfg.k, "data": str(data), "n_documents": len(docs),
+        "n_sites": len(plan), "sites_per_doc": cfg.sites_per_doc, "seed": cfg.seed, "models": summaries,
+    }
+    files = write_results(results, out, "ppl_at_k", pk.markdown_table(results))
+    files.append(plot_ppl_at_k(results, Path(out) / "ppl_at_k.png"))
+    if dump:
+        Path(dump).parent.mkdir(parents=True, exist_ok=True)
+        with open(dump, "w") as f:
+            for name, nll, nll_base in dumps:
+                for line in pk.dump_lines(docs, plan, cfg.k, nll, nll_base, name if len(models) > 1 else None):
+                    f.write(line + "\n")
+    metrics = [(f"ppl_at_k/{s['name']}/{key}", v, k + 1)
+               for s in summaries for key in ("ppl", "ppl_base", "reduction_pct") for k, v in enumerate(s[key])]
+    log_mlflow(metrics, files, run_id=mlflow_run, experiment=mlflow_experiment,
+               params={"eval.ppl_at_k.k": cfg.k, "eval.ppl_at_k.data": data, "eval.ppl_at_k.sites": len(plan)})
+    results["files"] = [str(f) for f in files]
+    return results
+
+
+def run_mc(models: list[EvalModel], tasks: dict[str, str], *, out: str | Path, tokenizer: str | None = None,
+           limit: int | None = None, batch_size: int = 16, mlflow_run: str | None = None,
+           mlflow_experiment: str | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
+    """acc / acc_norm of every model on every task (`tasks`: name -> local file)."""
+    if not tasks:
+        raise PipelineError("give at least one task file, e.g. --task hellaswag=path/hellaswag_val.jsonl")
+    tok = resolve_tokenizer(models, tokenizer)
+    questions = {t: mc.read_task(t, p)[:limit] for t, p in tasks.items()}
+    table: dict[str, dict[str, Any]] = {}
+    for m in models:
+        for t, docs in questions.items():
+            with bar(sum(len(d.contexts) for d in docs), f"{m.name} {t}") as b:
+                r = mc.evaluate_docs(m, tok, docs, batch_size=batch_size, progress=b.update)
+            r.pop("loglikelihoods")
+            table.setdefault(m.name, {"model": m.describe()})[t] = r
+    results = {"task": "multiple_choice", "files": dict(tasks), "limit": limit, "results": table}
+    head = ["model"] + [f"{t} {metric}" for t in tasks for metric in ("acc", "acc_norm")] + ["mean acc"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in table.items():
+        cells = [name]
+        for t in tasks:
+            cells += [f"{100 * row[t]['acc']:.1f}",
+                      f"{100 * row[t]['acc_norm']:.1f}" if "acc_norm" in row[t] else "–"]
+        cells.append(f"{100 * sum(row[t]['acc'] for t in tasks) / len(tasks):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    files = write_results(results, out, "multiple_choice", "\n".join(lines) + "\n")
+    metrics = [(f"mc/{name}/{t}/{k}", row[t][k], None) for name, row in table.items() for t in tasks
+               for k in ("acc", "acc_norm") if k in row[t]]
+    log_mlflow(metrics, files, run_id=mlflow_run, experiment=mlflow_experiment)
+    return results
+
+
+def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train_file: str,
+              tokenizer: str | None = None, shots: int = 8, seed: int = 0, limit: int | None = None,
+              max_new_tokens: int = 256, mlflow_run: str | None = None, mlflow_experiment: str | None = None,
+              bar: Bar = _no_bar) -> dict[str, Any]:
+    tok = resolve_tokenizer(models, tokenizer)
+    test, train = g8.read_gsm8k(test_file)[:limit], g8.read_gsm8k(train_file)
+    table = {}
+    for m in models:
+        with bar(len(test), f"{m.name} gsm8k") as b:
+            table[m.name] = {"model": m.describe(), **g8.evaluate_gsm8k(
+                m, tok, test, train, shots=shots, seed=seed, max_new_tokens=max_new_tokens, progress=b.update)}
+    results = {"task": "gsm8k", "test": test_file, "train": train_file, "shots": shots, "results": table}
+    lines = ["| model | n | shots | exact match |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['n']} | {shots} | {100 * r['exact_match']:.2f} |" for n, r in table.items()]
+    files = write_results(results, out, "gsm8k", "\n".join(lines) + "\n")
+    log_mlflow([(f"gsm8k/{n}/exact_match", r["exact_match"], None) for n, r in table.items()], files,
+               run_id=mlflow_run, experiment=mlflow_experiment)
+    return results
+
