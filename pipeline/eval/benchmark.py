@@ -1,0 +1,87 @@
+"""Evaluation speed: ppl-at-k sites/s and multiple-choice questions/s (printed, never asserted).
+
+    python -m pipeline.eval.benchmark                     # CPU: gpt2-tiny (vocab 50257)
+    python -m pipeline.eval.benchmark --preset gpt2-124m  # GPU: the GPT-2 124M shape
+
+Random weights and random tokens: speed does not depend on the values. A `liu` dual
+model with N_L latents; ppl-at-k scores K tokens after each site with augmentation and
+with the Base alone; multiple choice scores 4 continuations per question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from pipeline.dual import DualConfig, DualModel
+from pipeline.eval import ppl as pk
+from pipeline.eval.models import EvalModel
+from pipeline.eval.multiple_choice import score_requests
+from pipeline.models import build_model, preset
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="default: gpt2-124m on GPU, gpt2-tiny on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on GPU")
+    p.add_argument("--n-latents", type=int, default=16)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--docs", type=int, default=16)
+    p.add_argument("--sites-per-doc", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--sites-per-row", type=int, default=16)
+    p.add_argument("--questions", type=int, default=64)
+    p.add_argument("--mc-batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    name = args.preset or ("gpt2-124m" if gpu else "gpt2-tiny")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if gpu else "float32")]
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=50257) if name.endswith("tiny") else preset(name)
+    base = build_model(cfg)
+    dual = DualModel(base, DualConfig(variant="liu", n_latents=args.n_latents, n_ahead=16, n_sites=1),
+                     eos_id=cfg.eos_token_id)
+    model = EvalModel(name, None, dual.to(args.device, dtype).eval(), {"variant": "liu"})  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    seq = cfg.max_position_embeddings
+    docs = [rng.integers(0, cfg.vocab_size - 1, seq) for _ in range(args.docs)]
+    pcfg = pk.PplConfig(k=args.k, sites_per_doc=args.sites_per_doc, batch_size=args.batch_size,
+                        sites_per_row=args.sites_per_row)
+    plan = pk.plan_sites(docs, pcfg, model.last_site(args.k))
+    print(f"{name} on {args.device} ({str(dtype).split('.')[-1]}), liu N_L={args.n_latents}, K={args.k}, "
+          f"{len(plan)} sites in {args.docs} documents of {seq} tokens")
+    small = pk.SitePlan(plan.doc[: args.sites_per_row], plan.site[: args.sites_per_row])
+    for augment in (True, False):
+        pk.score_plan(model, docs, small, pcfg, augment=augment)  # warm-up
+        _sync(args.device)
+        t0 = time.perf_counter()
+        pk.score_plan(model, docs, plan, pcfg, augment=augment)
+        _sync(args.device)
+        dt = time.perf_counter() - t0
+        print(f"  ppl-at-k {'augmented ' if augment else 'base alone'}: {len(plan) / dt:8.1f} sites/s  ({dt:.2f} s)")
+    # multiple choice: contexts of ~1/3 of the positions, 4 continuations of 5-20 tokens
+    reqs = []
+    for _ in range(args.questions):
+        ctx = rng.integers(0, cfg.vocab_size - 1, int(rng.integers(seq // 6, seq // 3))).tolist()
+        reqs += [(ctx, rng.integers(0, cfg.vocab_size - 1, int(rng.integers(5, 21))).tolist()) for _ in range(4)]
+    score_requests(model, reqs[: args.mc_batch_size], batch_size=args.mc_batch_size)  # warm-up
+    _sync(args.device)
+    t0 = time.perf_counter()
+    score_requests(model, reqs, batch_size=args.mc_batch_size)
+    _sync(args.device)
+    dt = time.perf_counter() - t0
+    print(f"  multiple choice (4 choices, augmented): {args.questions / dt:8.1f} questions/s  ({dt:.2f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
