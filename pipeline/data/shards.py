@@ -208,6 +208,18 @@ def open_shard(prefix: str):
     return _indexed_dataset().IndexedDataset(prefix, multimodal=False, mmap=True)
 
 
+def token_stream(prefix: str, dtype: type[np.integer]) -> np.ndarray:
+    """The shard's documents back to back (each ending in EOS), as a read-only memory map.
+
+    A Megatron `.bin` is exactly this concatenation, so packing into fixed-length
+    training sequences reads it directly instead of document by document.
+    """
+    path = Path(prefix + ".bin")
+    if not path.is_file():
+        raise PipelineError(f"{path}: shard data missing; run `data-prep verify` on its directory")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 def read_index(idx_path: Path) -> tuple[type[np.integer], np.ndarray, np.ndarray, np.ndarray]:
     """Parse a `.idx` without megatron: (dtype, lengths, byte pointers, document indices)."""
     data = idx_path.read_bytes()

@@ -1,0 +1,65 @@
+"""Train one variant with DeepSpeed; with no --config, the built-in default recipe.
+
+    deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu.json
+    deepspeed launchers/pretrain.py --ds_config ds_configs/zero2.json --config tiny-h1 \\
+        data.path=runs/data train.max_steps=500 [--resume auto|PATH] [--dry-run]
+
+--config takes a preset name (pipeline/presets/*.yaml) or a YAML path; trailing
+`dotted.key=value` arguments override it (unknown keys are errors). DeepSpeed's
+config owns batch size, optimizer, scheduler, precision and ZeRO stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipeline.config import to_dict  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
+    ap.add_argument("--config", help="preset name or YAML file; omit for the built-in default recipe")
+    ap.add_argument("--resume", help="'auto' (latest checkpoint in train.output_dir, if any) or a checkpoint path")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
+    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the pipeline config")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        ds_config = json.loads(Path(args.ds_config).read_text())
+        if args.config is None:
+            from pipeline.train.recipe import run_default
+
+            if args.dry_run:
+                print("default recipe: builtin:pydocs -> tiny Base -> liu -> ppl-at-k summary")
+                return 0
+            run_default(ds_config, overrides=args.overrides)
+            return 0
+        from pipeline.train.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(json.dumps({"pipeline": to_dict(cfg), "deepspeed": ds_config}, indent=2))
+            return 0
+        from pipeline.train.trainer import train
+
+        export = train(cfg, ds_config, resume=args.resume)
+        if export is not None and int(os.environ.get("RANK", 0)) == 0:
+            print(f"exported to {export}")
+        return 0
+    except (PipelineError, OSError, json.JSONDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

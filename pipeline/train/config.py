@@ -1,0 +1,108 @@
+"""`TrainConfig`: the pipeline config of one training run (DeepSpeed owns the rest).
+
+The pipeline config owns model, variant, data, loop and tracking; the DeepSpeed
+config (`ds_configs/*.json`) owns batch size, optimizer, scheduler, precision and
+ZeRO stage. Presets are YAML files in `pipeline/presets/` (or any path), with
+dotted command-line overrides on top; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.config import apply_overrides, from_dict
+from pipeline.dual.config import DualConfig
+from pipeline.errors import PipelineError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
+
+
+@dataclasses.dataclass
+class ModelSection:
+    preset: str = "gpt2-tiny"
+    """Model preset (pipeline.models.PRESETS) for a fresh random Base; ignored with `path`."""
+    path: str = ""
+    """A Hugging Face directory (or an export's base/) to start the Base from."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """ModelConfig fields to change in the preset (vocab_size defaults to the data's)."""
+    activation_checkpointing: bool = False
+    """Recompute each block in backward to save activation memory."""
+
+
+@dataclasses.dataclass
+class DataSection:
+    path: str = ""
+    """A data-prep output directory (manifest.json + shards)."""
+    seq_len: int = 128
+    """S: tokens per packed training sequence."""
+    seed: int = 1234
+    """Seeds the sequence order, the site draws and a fresh model's init."""
+
+
+@dataclasses.dataclass
+class TrainSection:
+    max_steps: int = 100
+    """Optimizer steps of the run (also the scheduler's total_num_steps)."""
+    output_dir: str = "runs/train"
+    """Checkpoints, metrics.jsonl and the export go here."""
+    log_every: int = 10
+    """Log metrics every this many steps (all steps go to metrics.jsonl)."""
+    eval_every: int = 50
+    """Validation loss every this many steps (0 = only at the end)."""
+    eval_sequences: int = 16
+    """Validation sequences per evaluation."""
+    checkpoint_every: int = 0
+    """Save a DeepSpeed checkpoint every this many steps (0 = at the end and on SIGTERM/SIGINT)."""
+    stop_after_steps: int = 0
+    """Checkpoint and stop after this many steps of this invocation (time-boxed jobs; 0 = off)."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """A non-finite loss: stop with an error (no checkpoint), or skip that batch and count it."""
+    export: bool = True
+    """Write the DESIGN.md export directory (output_dir/export) when the run finishes."""
+
+
+@dataclasses.dataclass
+class TrackingSection:
+    enabled: bool = True
+    """Log to MLflow from rank 0."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else a sqlite store in output_dir."""
+    experiment: str = "latent-pipeline"
+    run_name: str = ""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    dual: DualConfig = dataclasses.field(default_factory=DualConfig)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    tracking: TrackingSection = dataclasses.field(default_factory=TrackingSection)
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A preset name (`tiny-liu`) or a YAML path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise PipelineError(f"no preset or YAML file {name_or_path!r}; presets: {known}")
+
+
+def load_config(name_or_path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Preset (or YAML file) + dotted overrides -> a validated `TrainConfig`."""
+    raw: dict[str, Any] = {}
+    if name_or_path:
+        path = preset_path(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    return from_dict(TrainConfig, apply_overrides(raw, list(overrides)))

@@ -1,0 +1,85 @@
+"""MLflow tracking from rank 0 that never kills a run.
+
+A tracking server that is down at start, or goes down mid-run, costs a warning:
+the first failed call switches tracking off and training carries on. Every step's
+metrics also go to `metrics.jsonl` in the run directory, so nothing depends on
+the server to be read back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.train.config import TrackingSection
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flatten(value, name + ".")
+        else:
+            out[name] = str(value)[:6000]  # MLflow's limit on a param value
+    return out
+
+
+class Tracker:
+    """Rank-0 metrics: always `metrics.jsonl`, and MLflow while it answers."""
+
+    def __init__(self, cfg: TrackingSection, run_dir: Path, *, is_rank0: bool):
+        self.is_rank0 = is_rank0
+        self.active = False
+        self.metrics_file = run_dir / "metrics.jsonl"
+        if not (is_rank0 and cfg.enabled):
+            return
+        # Fail fast instead of MLflow's default minutes of retries against a dead server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve()}/mlflow.db"
+        self.uri = uri
+        try:
+            import mlflow
+
+            self._mlflow = mlflow
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_experiment(cfg.experiment)
+            self.run = mlflow.start_run(run_name=cfg.run_name or None)
+            self.active = True
+            log.info("MLflow run %s at %s", self.run.info.run_id, uri)
+        except Exception as exc:  # noqa: BLE001 - any failure of the tracking server
+            log.warning("MLflow tracking at %s is unavailable (%s); training continues without it", uri, exc)
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if not self.active:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.active = False
+            log.warning("MLflow %s failed (%s); tracking is off for the rest of the run", what, exc)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = _flatten(params)
+        self._call("log_params", lambda: [self._mlflow.log_params(dict(list(flat.items())[i : i + 100]))
+                                          for i in range(0, len(flat), 100)])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.is_rank0:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._call("log_metrics", self._mlflow.log_metrics if self.active else None, metrics, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        if path.exists():
+            self._call("log_artifact", self._mlflow.log_artifact if self.active else None, str(path))
+
+    def finish(self) -> None:
+        self._call("end_run", self._mlflow.end_run if self.active else None)
