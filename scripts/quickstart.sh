@@ -1,36 +1,13 @@
 #!/usr/bin/env bash
-# Zero-download quickstart: train a small sentencepiece tokenizer on builtin:pydocs (English
-# documentation bundled with Python), build Megatron shards from the same corpus, verify,
-# inspect. Safe to re-run: a finished, verified tokenizer/dataset is reused, anything else rebuilt.
+# The main job on the built-in default (nothing downloaded): builtin:pydocs -> sentencepiece
+# tokenizer + Megatron shards -> tiny Base pretraining -> liu Coprocessor -> export -> a
+# ppl-at-k summary. Two ranks on CPU (gloo) or on two GPUs. Finished stages are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${QUICKSTART_OUT:-runs/quickstart}"
-TOK="$OUT/tokenizer/spm"
-DATA="$OUT/data"
-data_prep() { python -m data_prep "$@"; }
-
-if [[ ! -f "$TOK.model" ]]; then
-  echo "== training a sentencepiece tokenizer (BPE, vocab 8000) on builtin:pydocs"
-  data_prep tokenizer train --input builtin:pydocs --output "$TOK" --vocab-size 8000 \
-    --model-type bpe --special-tokens '<|latent|>'
+if python -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  DS_CONFIG=ds_configs/zero2.json
 else
-  echo "== reusing tokenizer $TOK.model"
+  DS_CONFIG=ds_configs/zero2_cpu.json
 fi
-
-if [[ -f "$DATA/manifest.json" ]] && data_prep verify "$DATA" >/dev/null 2>&1; then
-  echo "== reusing dataset $DATA (it verifies)"
-else
-  echo "== building shards from builtin:pydocs into $DATA"
-  # An unfinished build is resumed; a damaged or different one is rebuilt.
-  if ! data_prep build --input builtin:pydocs --tokenizer "$TOK.model" --output "$DATA" \
-      --val-fraction 0.05 --shard-size 4M; then
-    data_prep build --input builtin:pydocs --tokenizer "$TOK.model" --output "$DATA" \
-      --val-fraction 0.05 --shard-size 4M --overwrite
-  fi
-fi
-
-echo "== verify"
-data_prep verify "$DATA"
-echo "== inspect"
-data_prep inspect "$DATA" --samples 2
+exec deepspeed --num_gpus 2 launchers/pretrain.py --ds_config "$DS_CONFIG" "$@"
