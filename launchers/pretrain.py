@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from pipeline.train.trainer import train
 
-        export = train(cfg, ds_config, resume=args.resume)
-        if export is not None and int(os.environ.get("RANK", 0)) == 0:
-            print(f"exported to {export}")
+        result = train(cfg, ds_config, resume=args.resume)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"step {result.step}/{cfg.train.max_steps}" + (f", val loss {result.val_loss:.4f}" if result.finished else
+                  " (stopped early; continue with --resume auto)") +
+                  (f", exported to {result.export_dir}" if result.export_dir else ""))
         return 0
     except (PipelineError, OSError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

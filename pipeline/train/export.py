@@ -37,11 +37,15 @@ def export_checkpoint(tag_dir: str | Path, out_dir: str | Path, *, overwrite: bo
     dual = build_dual(cfg, manifest)
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     missing, unexpected = dual.load_state_dict(state, strict=False)
-    # Tied weights appear once in the checkpoint; anything else missing is an error.
+    # Tied weights appear once in the checkpoint. Frozen parameters are absent from ZeRO-1
+    # checkpoints' optimizer shards; they never change, so the rebuild (from model.path or the
+    # seeded init, exactly as at step 0) already holds them. Anything else missing is an error.
     tied = {n for n in missing if n.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
+    frozen = {n for n, p in dual.named_parameters() if not p.requires_grad}
+    lost = set(missing) - tied - frozen
+    if lost or unexpected:
         raise PipelineError(f"{tag_dir}: checkpoint does not match the model "
-                            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+                            f"(missing {sorted(lost)[:5]}, unexpected {unexpected[:5]})")
     if overwrite and out_dir.exists():
         shutil.rmtree(out_dir)
     run_config = json.loads(config_file.read_text())

@@ -70,14 +70,14 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     base = root / "base" / "export"
     if not (base / "pipeline.json").is_file():
         log.info("stage 1/3: pretraining the tiny Base on builtin:pydocs")
-        base = train(base_cfg, ds_config, resume="auto")
+        base = train(base_cfg, ds_config, resume="auto").export_dir
     dual_cfg = load_config("tiny-liu", [
         f"data.path={data}", f"model.path={base.resolve()}", f"train.output_dir={root / 'liu'}",
         f"train.max_steps={DUAL_STEPS}", "train.eval_every=200", "tracking.run_name=default-liu", *overrides])
     export = root / "liu" / "export"
     if not (export / "pipeline.json").is_file():
         log.info("stage 2/3: training the liu Coprocessor on the frozen Base")
-        export = train(dual_cfg, ds_config, resume="auto")
+        export = train(dual_cfg, ds_config, resume="auto").export_dir
     if dist.get_rank() == 0:
         log.info("stage 3/3: evaluating ppl of the k-th token after augmentation")
         summarize(export, root / "eval")

@@ -1,7 +1,8 @@
 """The DeepSpeed training loop for one variant: build, check, train, checkpoint, export.
 
     cfg = load_config("tiny-liu", ["data.path=runs/data"])
-    export_dir = train(cfg, json.load(open("ds_configs/zero2_cpu.json")), resume="auto")
+    result = train(cfg, json.load(open("ds_configs/zero2_cpu.json")), resume="auto")
+    result.export_dir, result.step, result.val_loss, result.model
 
 Everything DeepSpeed-specific is here; the model is a plain `DualModel`. The data
 order and the site draws are functions of (seed, step), so a checkpoint needs only
@@ -11,6 +12,7 @@ the step beside DeepSpeed's own state to continue exactly (`pipeline.train.data`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -104,21 +106,40 @@ def step_flops(dual: DualModel, batch: int, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class TrainResult:
+    """What a call to `train` leaves behind (the same on every rank)."""
+
+    step: int
+    """The last optimizer step taken (== max_steps when the run finished)."""
+    finished: bool
+    """False when the run stopped early (signal or stop_after_steps) after checkpointing."""
+    export_dir: Path | None
+    """The export directory, when the run finished with train.export on."""
+    val_loss: float | None
+    """The final validation loss (finished runs)."""
+    model: DualModel
+    """The trained model (the engine's module; partitioned under ZeRO-3)."""
+
+
 class _StopFlag:
     """SIGTERM/SIGINT ask for a checkpoint at the end of the current step."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
         self.requested = True
 
 
-def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = None) -> Path | None:
-    """Run (or continue) one training run; returns the export directory (on every rank)."""
+def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = None) -> TrainResult:
+    """Run (or continue) one training run on every rank of the process group."""
     import deepspeed
     import deepspeed.comm as dist
 
@@ -203,10 +224,14 @@ def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = N
         if stopping and step < cfg.train.max_steps:
             log.warning("stopped at step %d; continue with --resume auto", step)
             tracker.finish()
-            return None
+            stop.restore()
+            return TrainResult(step=step, finished=False, export_dir=None, val_loss=None, model=dual)
 
-    if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-        tracker.log_metrics({"val_loss": _validate(engine, dual, val_data, cfg, micro, device)}, step)
+    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and ran:
+        val_loss = metrics["val_loss"]
+    else:
+        val_loss = _validate(engine, dual, val_data, cfg, micro, device)
+        tracker.log_metrics({"val_loss": val_loss}, step)
     export_dir = None
     if cfg.train.export:
         export_dir = run_dir / "export"
@@ -217,7 +242,8 @@ def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = N
             tracker.log_artifact(export_dir / "pipeline.json")
         dist.barrier()
     tracker.finish()
-    return export_dir
+    stop.restore()
+    return TrainResult(step=step, finished=True, export_dir=export_dir, val_loss=val_loss, model=dual)
 
 
 # ---------------------------------------------------------------------- pieces
