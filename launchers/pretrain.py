@@ -24,15 +24,20 @@ from pipeline.config import to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     ap.add_argument("--config", help="preset name or YAML file; omit for the built-in default recipe")
     ap.add_argument("--resume", help="'auto' (latest checkpoint in train.output_dir, if any) or a checkpoint path")
+    ap.add_argument("--recipe-root", default="runs/default", help="where the default recipe (no --config) works")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
     ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the pipeline config")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         ds_config = json.loads(Path(args.ds_config).read_text())
@@ -42,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print("default recipe: builtin:pydocs -> tiny Base -> liu -> ppl-at-k summary")
                 return 0
-            run_default(ds_config, overrides=args.overrides)
+            run_default(ds_config, root=args.recipe_root, overrides=args.overrides)
             return 0
         from pipeline.train.config import load_config
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,9 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
         prepare_data(root)
     dist.barrier()
     data = (root / "data").resolve()
+    # One MLflow store for the recipe's stages, unless the user points elsewhere.
+    tracking = [] if os.environ.get("MLFLOW_TRACKING_URI") else [f"tracking.tracking_uri=sqlite:///{root.resolve()}/mlflow.db"]
+    overrides = [*tracking, *overrides]
 
     base_cfg = load_config("tiny-continued_pretraining", [
         f"data.path={data}", f"train.output_dir={root / 'base'}", f"train.max_steps={BASE_STEPS}",
@@ -73,7 +77,10 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
         base = train(base_cfg, ds_config, resume="auto").export_dir
     dual_cfg = load_config("tiny-liu", [
         f"data.path={data}", f"model.path={base.resolve()}", f"train.output_dir={root / 'liu'}",
-        f"train.max_steps={DUAL_STEPS}", "train.eval_every=200", "tracking.run_name=default-liu", *overrides])
+        f"train.max_steps={DUAL_STEPS}", "train.eval_every=200", "tracking.run_name=default-liu",
+        # The frozen Base then predicts every target from a real token that attends to the
+        # latents (it starts from its own predictions, not from a raw latent); pipeline.json records it.
+        "dual.decode_reread=true", *overrides])
     export = root / "liu" / "export"
     if not (export / "pipeline.json").is_file():
         log.info("stage 2/3: training the liu Coprocessor on the frozen Base")

@@ -28,16 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, kwargs: dict,
+            queue) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size), "CUDA_VISIBLE_DEVICES": ""})
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size)})
+    if backend == "gloo":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks, as the tests and the CPU benchmark want
     try:
         import deepspeed
         import torch
 
-        torch.set_num_threads(1)  # N ranks share the machine's cores
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        if backend == "gloo":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the cores
+        else:
+            torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
         queue.put((rank, True, fn(*args, **kwargs)))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
@@ -48,13 +53,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 600,
-                    **kwargs: Any) -> list[Any]:
-    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; the per-rank results in rank order."""
+def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2, backend: str = "gloo",
+                    timeout: float = 600, **kwargs: Any) -> list[Any]:
+    """Run `fn(*args, **kwargs)` on `world_size` ranks (gloo on CPU; nccl = one GPU per rank);
+    the per-rank results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, kwargs, queue), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -17,6 +17,9 @@ from typing import Any
 from pipeline.train.config import TrackingSection
 
 log = logging.getLogger(__name__)
+# Read once: mlflow.set_tracking_uri() writes this variable, and a later run in the same
+# process (the default recipe's second stage) must not inherit the first run's store.
+_ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -42,7 +45,7 @@ class Tracker:
         # Fail fast instead of MLflow's default minutes of retries against a dead server.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve()}/mlflow.db"
+        uri = cfg.tracking_uri or _ENV_TRACKING_URI or f"sqlite:///{run_dir.resolve()}/mlflow.db"
         self.uri = uri
         try:
             import mlflow

@@ -210,14 +210,17 @@ def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = N
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         if peak:
-            metrics["mfu"] = metrics["tflops"] / peak
+            metrics["mfu"] = metrics["tflops"] / (peak * world)  # tflops counts all ranks
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             metrics["val_loss"] = _validate(engine, dual, val_data, cfg, micro, device)
         tracker.log_metrics(metrics, step)
         if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
             log.info("step %d/%d loss %.4f  %.0f tok/s", step, cfg.train.max_steps, metrics.get("loss", math.nan),
                      metrics["tokens_per_s"])
-        stopping = stop.requested or (cfg.train.stop_after_steps and ran >= cfg.train.stop_after_steps)
+        # Ranks see a signal at different moments; they must agree on the step they stop after,
+        # or one would checkpoint while another waits in the next step's all-reduce.
+        stopping = _any_rank(stop.requested, dist, device) or bool(
+            cfg.train.stop_after_steps and ran >= cfg.train.stop_after_steps)
         if stopping or step == cfg.train.max_steps or (cfg.train.checkpoint_every
                                                        and step % cfg.train.checkpoint_every == 0):
             _save(engine, ckpt_dir, step, cfg, rank)
@@ -295,6 +298,12 @@ def _all_finite(loss: torch.Tensor, dist) -> bool:
     bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
     dist.all_reduce(bad)
     return bad.item() == 0
+
+
+def _any_rank(flag: bool, dist, device: torch.device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 def _mean_over_ranks(value: float, dist, device: torch.device) -> float:
