@@ -4,8 +4,9 @@
     python launchers/export.py runs/tiny-liu/checkpoints runs/tiny-liu/export2   # the latest tag
 
 The output holds pipeline.json, base/ and coprocessor/ (Hugging Face directories
-that transformers loads, LoRA merged) and latents.safetensors; continued_pretraining
-gives a plain Hugging Face model directory (with pipeline.json beside it).
+that transformers loads, LoRA merged) and latents.safetensors. continued_pretraining
+has no augmentation: its base/ is the plain Hugging Face model, with pipeline.json
+(run config, data path, tokenizer) in the export root beside it, not inside it.
 """
 
 from __future__ import annotations

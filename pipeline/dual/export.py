@@ -2,8 +2,7 @@
 
     DIR/pipeline.json         variant, n_latents, n_ahead, coprocessor_input, family,
                               eos_id, the full dual config and the run config
-    DIR/base/                 Hugging Face directory (config.json + model.safetensors);
-                              continued_pretraining writes it at DIR itself (a plain HF model)
+    DIR/base/                 Hugging Face directory (config.json + model.safetensors)
     DIR/coprocessor/          the same, where the variant has one (LoRA merged)
     DIR/latents.safetensors   {"soft_tokens": (N_L, d)} where the variant has slots
 
@@ -39,8 +38,7 @@ def export_dual(dual: DualModel, path: str | Path, *, run_config: dict[str, Any]
         raise PipelineError(f"{path} already holds an export; choose a new directory or delete it")
     path.mkdir(parents=True, exist_ok=True)
     cfg = dual.config
-    # Without augmentation the export is a plain HF model (pipeline.json rides along).
-    dual.base.save_pretrained(path / "base" if cfg.spec.augments else path, dtype=dtype)
+    dual.base.save_pretrained(path / "base", dtype=dtype)
     if dual.coprocessor is not None:
         cop = copy.deepcopy(dual.coprocessor)
         merge_lora(cop)
@@ -80,7 +78,7 @@ def load_dual(path: str | Path, *, device: str | torch.device = "cpu") -> DualMo
     meta = read_pipeline_json(path)
     cfg = dataclasses.replace(from_dict(DualConfig, meta["dual"], where="pipeline.json:dual"),
                               coprocessor_adapter="full")
-    base = from_pretrained(path / "base" if (path / "base").is_dir() else path).to(device)
+    base = from_pretrained(path / "base").to(device)
     cop = from_pretrained(path / "coprocessor").to(device) if cfg.spec.has_coprocessor else None
     soft = None
     if cfg.spec.augments:

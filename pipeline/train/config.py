@@ -26,7 +26,7 @@ class ModelSection:
     preset: str = "gpt2-tiny"
     """Model preset (pipeline.models.PRESETS) for a fresh random Base; ignored with `path`."""
     path: str = ""
-    """A Hugging Face directory (or an export's base/) to start the Base from."""
+    """A Hugging Face directory, or an export directory (its base/), to start the Base from."""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """ModelConfig fields to change in the preset (vocab_size defaults to the data's)."""
     activation_checkpointing: bool = False

@@ -50,6 +50,18 @@ def export_checkpoint(tag_dir: str | Path, out_dir: str | Path, *, overwrite: bo
         shutil.rmtree(out_dir)
     run_config = json.loads(config_file.read_text())
     run_config["data"]["path"] = str(Path(cfg.data.path).resolve())
+    tokenizer = manifest.to_json().get("tokenizer", {})
+    run_config["tokenizer"] = {**tokenizer, "path": _existing(tokenizer.get("path"), Path(cfg.data.path))}
     export_dual(dual, out_dir, run_config=run_config)
     log.info("exported %s -> %s", tag_dir, out_dir)
     return out_dir
+
+
+def _existing(path: str | None, data_dir: Path) -> str | None:
+    """The tokenizer path recorded by data-prep, made absolute where it can be found."""
+    if not path:
+        return None
+    for candidate in (Path(path), data_dir / path):
+        if candidate.exists():
+            return str(candidate.resolve())
+    return path

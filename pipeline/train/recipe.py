@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.train.config import load_config
+from pipeline.train.tracking import log_artifacts_to_run
 from pipeline.train.trainer import train
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,16 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
         # The frozen Base then predicts every target from a real token that attends to the
         # latents (it starts from its own predictions, not from a raw latent); pipeline.json records it.
         "dual.decode_reread=true", *overrides])
-    export = root / "liu" / "export"
+    export, tracking = root / "liu" / "export", None
     if not (export / "pipeline.json").is_file():
         log.info("stage 2/3: training the liu Coprocessor on the frozen Base")
-        export = train(dual_cfg, ds_config, resume="auto").export_dir
+        result = train(dual_cfg, ds_config, resume="auto")
+        export, tracking = result.export_dir, result.tracking
     if dist.get_rank() == 0:
         log.info("stage 3/3: evaluating ppl of the k-th token after augmentation")
         summarize(export, root / "eval")
+        if tracking:
+            log_artifacts_to_run(*tracking, sorted((root / "eval").glob("ppl_at_k.*")))
     dist.barrier()
     return export
 

@@ -39,6 +39,7 @@ class Tracker:
     def __init__(self, cfg: TrackingSection, run_dir: Path, *, is_rank0: bool):
         self.is_rank0 = is_rank0
         self.active = False
+        self.uri = ""
         self.metrics_file = run_dir / "metrics.jsonl"
         if not (is_rank0 and cfg.enabled):
             return
@@ -68,6 +69,10 @@ class Tracker:
             self.active = False
             log.warning("MLflow %s failed (%s); tracking is off for the rest of the run", what, exc)
 
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.active else None
+
     def log_params(self, params: dict[str, Any]) -> None:
         flat = _flatten(params)
         self._call("log_params", lambda: [self._mlflow.log_params(dict(list(flat.items())[i : i + 100]))
@@ -86,3 +91,43 @@ class Tracker:
 
     def finish(self) -> None:
         self._call("end_run", self._mlflow.end_run if self.active else None)
+
+
+def log_artifacts_to_run(uri: str, run_id: str | None, paths: list[Path]) -> None:
+    """Add files to a finished run (e.g. the recipe's evaluation summary); a warning if that fails."""
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for path in paths:
+            if Path(path).exists():
+                client.log_artifact(run_id, str(path))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not add artifacts to MLflow run %s (%s)", run_id, exc)
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
+    """Training and validation loss vs step, from metrics.jsonl (Agg backend, no display)."""
+    if not metrics_file.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("loss", "-"), ("val_loss", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=key, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

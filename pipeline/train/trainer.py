@@ -33,7 +33,7 @@ from pipeline.models import build_model, from_pretrained, preset
 from pipeline.models.benchmark import PEAK_BF16_TFLOPS
 from pipeline.train.config import TrainConfig
 from pipeline.train.data import BatchOrder, PackedSequences, site_generator
-from pipeline.train.tracking import Tracker
+from pipeline.train.tracking import Tracker, plot_metrics
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "pipeline_config.json"
@@ -45,7 +45,9 @@ def build_dual(cfg: TrainConfig, manifest: Manifest) -> DualModel:
     """The run's model: Base from a checkpoint or a seeded preset, wrapped for the variant."""
     torch.manual_seed(cfg.data.seed)
     if cfg.model.path:
-        base = from_pretrained(cfg.model.path)
+        path = Path(cfg.model.path)
+        # An export directory (pipeline.json + base/) stands for its Base.
+        base = from_pretrained(path / "base" if (path / "base" / "config.json").is_file() else path)
     else:
         base = build_model(preset(cfg.model.preset, **({"vocab_size": manifest.vocab_size} | cfg.model.overrides)))
     mc = base.config
@@ -91,17 +93,25 @@ def resolve_ds_config(cfg: TrainConfig, ds_config: dict[str, Any], world: int, d
 
 
 def step_flops(dual: DualModel, batch: int, seq_len: int) -> float:
-    """Estimated training FLOPs of one step: 6 x matmul parameters x tokens through them."""
+    """Estimated training FLOPs of one step: 2 (forward) + 2 (input grads) + 2 (weight grads) x
+    matmul parameters x tokens, per pass, counting only the backward work that really runs.
+
+    A frozen Base costs forward only in pass 1 (nothing upstream of it trains) and forward +
+    input grads in the decode pass (gradients flow through it to the latents); attention's
+    own FLOPs are left out (small next to the matmuls at these sequence lengths).
+    """
     cfg, spec = dual.config, dual.config.spec
     n_base = dual.base.num_params(matmul_only=True)
-    tokens = seq_len
+    train_base = cfg.train_base
+    flops = (6 if train_base else 2) * n_base * seq_len  # pass 1 (the only pass without augmentation)
     if spec.augments:
         slots = 0 if spec.slots == "coprocessor_kv" else cfg.n_latents
-        tokens += cfg.n_sites * (slots + int(cfg.reread) + cfg.n_ahead - 1)
-    flops = 6 * n_base * tokens
+        block = slots + int(cfg.reread) + cfg.n_ahead - 1
+        flops += (6 if train_base else 4) * n_base * cfg.n_sites * block  # pass 3
     if dual.coprocessor is not None:
         cop_tokens = cfg.n_sites * cfg.n_latents + (seq_len if cfg.coprocessor_input == "last_hidden" else 0)
-        flops += 6 * dual.coprocessor.num_params(matmul_only=True) * cop_tokens
+        per_token = 6 if cfg.coprocessor_adapter == "full" else 4  # LoRA: weight grads of the adapters only
+        flops += per_token * dual.coprocessor.num_params(matmul_only=True) * cop_tokens
     return float(flops * batch)
 
 
@@ -120,6 +130,8 @@ class TrainResult:
     """The final validation loss (finished runs)."""
     model: DualModel
     """The trained model (the engine's module; partitioned under ZeRO-3)."""
+    tracking: tuple[str, str] | None = None
+    """(MLflow tracking URI, run id) on rank 0 while tracking was up."""
 
 
 class _StopFlag:
@@ -172,6 +184,7 @@ def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = N
                             "world_size": world, "trainable_params": sum(p.numel() for p in trainable)})
         for name in (CONFIG_FILE, "ds_config.json"):
             tracker.log_artifact(run_dir / name)
+        tracker.log_artifact(Path(cfg.data.path) / "manifest.json")
     flops = step_flops(dual, order.global_batch, cfg.data.seq_len)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None) \
         if device.type == "cuda" else None
@@ -244,9 +257,12 @@ def train(cfg: TrainConfig, ds_config: dict[str, Any], *, resume: str | None = N
             export_checkpoint(ckpt_dir / f"step{step}", export_dir, overwrite=True)
             tracker.log_artifact(export_dir / "pipeline.json")
         dist.barrier()
+    if rank == 0:
+        tracker.log_artifact(plot_metrics(tracker.metrics_file, run_dir / "loss.png") or run_dir / "loss.png")
     tracker.finish()
     stop.restore()
-    return TrainResult(step=step, finished=True, export_dir=export_dir, val_loss=val_loss, model=dual)
+    return TrainResult(step=step, finished=True, export_dir=export_dir, val_loss=val_loss, model=dual,
+                       tracking=(tracker.uri, tracker.run_id) if tracker.run_id else None)
 
 
 # ---------------------------------------------------------------------- pieces

@@ -195,9 +195,11 @@ def test_continued_pretraining_exports_a_plain_hf_model(checks):
     from transformers import AutoModelForCausalLM
 
     export = Path(checks["rank0"]["base"]["export"])
-    assert (export / "config.json").is_file() and (export / "pipeline.json").is_file()
-    assert not (export / "coprocessor").exists()
-    AutoModelForCausalLM.from_pretrained(export)
+    assert (export / "pipeline.json").is_file() and not (export / "coprocessor").exists()
+    assert sorted(p.name for p in (export / "base").iterdir()) == ["config.json", "model.safetensors"]
+    AutoModelForCausalLM.from_pretrained(export / "base")
+    meta = json.loads((export / "pipeline.json").read_text())
+    assert meta["variant"] == "continued_pretraining" and Path(meta["run_config"]["tokenizer"]["path"]).is_file()
 
 
 # ------------------------------------------------------------------ MLflow
@@ -223,4 +225,4 @@ def test_mlflow_server_receives_the_run_and_its_loss_does_not_kill_it(checks):
         assert client.get_metric_history(run.info.run_id, name), name
     store = checks["server"].db.parent / "artifacts"  # the server's --artifacts-destination
     artifacts = {p.name for p in store.rglob(f"*{run.info.run_id}*/artifacts/*")}
-    assert {"pipeline_config.json", "ds_config.json"} <= artifacts
+    assert {"pipeline_config.json", "ds_config.json", "manifest.json"} <= artifacts
