@@ -5,9 +5,15 @@ Sequences are fixed windows of `seq_len` tokens over each shard's token stream
 dropped). The order is a seeded permutation per epoch, and the batch of a given
 optimizer step, micro-step and rank is computed, not iterated to: resuming at step
 N needs nothing but N, and the same run on another world size sees the same
-global batches. (megatron-core's GPTDataset builds and caches sample indices on
-first use and blends through compiled helpers; for one split of one dataset this
-small sampler is simpler and makes exact resume hold by construction.)
+global batches.
+
+Why not megatron-core's GPTDataset / BlendedMegatronDatasetBuilder: they do work
+here (megatron.core.datasets.helpers_cpp is importable on this CPU image), but they
+need a Megatron tokenizer object, write sample-index caches on first use (a rank-0
+build plus a barrier, and a cache directory to manage), and split by document ranges
+themselves, while data-prep already made the train/validation split. For one split of
+one dataset this sampler is shorter and exact resume holds by construction. Weighted
+blending of several datasets is what it does not do yet; that is the point to switch.
 """
 
 from __future__ import annotations

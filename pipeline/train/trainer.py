@@ -49,8 +49,15 @@ def build_dual(cfg: TrainConfig, manifest: Manifest) -> DualModel:
         # An export directory (pipeline.json + base/) stands for its Base.
         base = from_pretrained(path / "base" if (path / "base" / "config.json").is_file() else path)
     else:
-        base = build_model(preset(cfg.model.preset, **({"vocab_size": manifest.vocab_size} | cfg.model.overrides)))
+        data_ids = {"vocab_size": manifest.vocab_size, "eos_token_id": manifest.eos_id}
+        base = build_model(preset(cfg.model.preset, **(data_ids | cfg.model.overrides)))
     mc = base.config
+    if cfg.model.path and mc.eos_token_id is not None and mc.eos_token_id != manifest.eos_id:
+        # Sizes alone miss a different tokenizer of a large enough vocabulary (GPT-2 vs a small spm).
+        raise PipelineError(
+            f"the model at {cfg.model.path} ends documents with id {mc.eos_token_id} but the data's "
+            f"tokenizer ({manifest.to_json().get('tokenizer', {}).get('path', '?')}) uses {manifest.eos_id}: "
+            "the data was tokenized with a different tokenizer than the model's; rebuild it with the model's")
     if manifest.vocab_size > mc.vocab_size:
         raise PipelineError(
             f"the data's tokenizer has {manifest.vocab_size} ids but the model's vocabulary is "

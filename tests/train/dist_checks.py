@@ -65,14 +65,21 @@ def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
     t0 = time.perf_counter()
 
     # ---- clear errors before any training step
+    foreign = out / "foreign_model"  # a vocabulary that covers the data's, but another tokenizer's EOS
+    if rank == 0:
+        from pipeline.models import build_model, preset
+
+        build_model(preset("gpt2-tiny", vocab_size=1000, eos_token_id=999)).save_pretrained(foreign)
+    torch.distributed.barrier()
     r["errors"] = {
+        "tokenizer": _error(lambda: train(_cfg("tiny-liu", data, out / "e6", f"model.path={foreign}"), _ds())),
         "batch": _error(lambda: train(_cfg("tiny-liu", data, out / "e1"), _ds(train_batch_size=3))),
         "vocab": _error(lambda: train(_cfg("tiny-liu", data, out / "e2", "model.overrides.vocab_size=100"), _ds())),
         "shards": _error(lambda: train(_cfg("tiny-liu", out / "nowhere", out / "e3"), _ds())),
         "bf16": _error(lambda: train(_cfg("tiny-liu", data, out / "e4"), _ds("zero2", bf16={"enabled": True}))),
         "seq_len": _error(lambda: train(_cfg("tiny-liu", data, out / "e5", "data.seq_len=4096"), _ds())),
     }
-    r["errors_trained"] = [bool(_metrics(out / f"e{i}")) for i in range(1, 6)]
+    r["errors_trained"] = [bool(_metrics(out / f"e{i}")) for i in range(1, 7)]
 
     # ---- a Base first: the frozen-Base variants mean nothing on a random one
     base = train(_cfg("tiny-continued_pretraining", data, out / "base", f"train.max_steps={BASE_STEPS}"), _ds())

@@ -91,12 +91,13 @@ def checks(tmp_path_factory, corpus_dir):
     ("shards", "manifest"),
     ("bf16", "zero2_cpu.json"),
     ("seq_len", "max_position_embeddings"),
+    ("tokenizer", "different tokenizer"),
 ])
 def test_misconfiguration_fails_clearly_before_training(checks, case, words):
     message = checks["rank0"]["errors"][case]
     assert message is not None, f"{case}: no error"
     assert words in message
-    assert checks["rank0"]["errors_trained"] == [False] * 5
+    assert checks["rank0"]["errors_trained"] == [False] * 6
 
 
 def test_unknown_config_key_names_the_dotted_key():
