@@ -4,6 +4,7 @@
     python launchers/benchmark.py model [--help]   # forward+backward tokens/s, ours vs transformers
     python launchers/benchmark.py dual  [--help]   # packed three-pass step vs per-site loop
     python launchers/benchmark.py eval  [--help]   # ppl-at-k sites/s, multiple-choice questions/s
+    python launchers/benchmark.py train [--help]   # training tokens/s per variant under DeepSpeed
 
 Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
 this file only dispatches, importing the suite it runs and nothing else.
@@ -19,6 +20,7 @@ SUITES = {
     "model": "pipeline.models.benchmark",
     "dual": "pipeline.dual.benchmark",
     "eval": "pipeline.eval.benchmark",
+    "train": "pipeline.train.benchmark",
 }
 
 
