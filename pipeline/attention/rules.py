@@ -131,6 +131,7 @@ def uniform_blocks(
     block_len: int,
     prefix_len: int,
     *,
+    injected: int = 0,
     prefix_doc: Tensor | None = None,
     limit_doc: Tensor | None = None,
     backend: Backend = "auto",
@@ -138,25 +139,35 @@ def uniform_blocks(
     """`prefix_block_causal` for M equal blocks laid out contiguously after a prefix.
 
     `limits` `[M]` or `[B, M]`: block m's prefix limit p_m. Queries are the M
-    blocks of `block_len` tokens (block-major); keys are `prefix_len` prefix keys
-    with source positions 0..prefix_len-1, then the same M blocks. Optional
-    `prefix_doc` `[P]`/`[B, P]` document ids of the prefix and `limit_doc`
-    `[M]`/`[B, M]` the document of each block (usually `prefix_doc[p_m]`).
+    blocks of `block_len` tokens (block-major). Keys are `prefix_len` prefix keys
+    with source positions 0..prefix_len-1, then `injected` keys per block that the
+    whole block sees (e.g. another model's K/V for that block; block-major), then
+    the same M blocks. Optional `prefix_doc` `[P]`/`[B, P]` document ids of the
+    prefix and `limit_doc` `[M]`/`[B, M]` the document of each block (usually
+    `prefix_doc[p_m]`).
     """
     limits = _as_2d(limits, "limits").long()
     nb, m = limits.shape
     device = limits.device
-    block = torch.arange(m, device=device).repeat_interleave(block_len)  # (M*L,)
+    blocks = torch.arange(m, device=device)
+    block = blocks.repeat_interleave(block_len)  # (M*L,)
     index = torch.arange(block_len, device=device).repeat(m)  # (M*L,)
-    kv_block = torch.cat([torch.full((prefix_len,), PREFIX_BLOCK, device=device), block])
-    kv_index = torch.cat([torch.arange(prefix_len, device=device), index])
+    kv_block = torch.cat([
+        torch.full((prefix_len,), PREFIX_BLOCK, device=device), blocks.repeat_interleave(injected), block,
+    ])
+    kv_index = torch.cat([
+        torch.arange(prefix_len, device=device),
+        torch.full((m * injected,), -1, device=device),  # before every query of its block
+        index,
+    ])
     docs = {}
     if prefix_doc is not None or limit_doc is not None:
         if prefix_doc is None or limit_doc is None:
             raise PipelineError("uniform_blocks: give both prefix_doc and limit_doc, or neither")
         prefix_doc, limit_doc = _as_2d(prefix_doc, "prefix_doc"), _as_2d(limit_doc, "limit_doc")
-        # block keys never use their doc id (block keys are matched by block id)
-        pad = torch.full((prefix_doc.shape[0], m * block_len), -1, device=device, dtype=prefix_doc.dtype)
+        # block and injected keys never use their doc id (they are matched by block id)
+        pad = torch.full((prefix_doc.shape[0], m * (injected + block_len)), -1, device=device,
+                         dtype=prefix_doc.dtype)
         docs = {
             "q_doc": limit_doc.repeat_interleave(block_len, dim=1),
             "kv_doc": torch.cat([prefix_doc, pad], dim=1),

@@ -26,13 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.attention import (
-    PREFIX_BLOCK,
     AttentionPattern,
     causal,
     doc_ids_from_eos,
     document_causal,
+    uniform_blocks,
 )
-from pipeline.attention.rules import prefix_block_causal
 from pipeline.dual.config import DualConfig
 from pipeline.dual.lora import add_lora
 from pipeline.dual.sites import sample_sites
@@ -302,38 +301,11 @@ def _lm_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 
 def _site_blocks(sites: Tensor, prefix_len: int, q_len: int, n_injected: int, docs: Tensor | None) -> AttentionPattern:
-    """Mask for M blocks of `q_len` queries after a cache of `prefix_len` positions.
-
-    Keys: the cache (visible up to the block's site, in its document), then
-    `n_injected` K/V per block visible to the whole block (h1's Coprocessor cache),
-    then the blocks themselves (causal within a block).
-    """
-    B, M = sites.shape
-    dev = sites.device
-    block_ids = torch.arange(M, device=dev)
-    q_block = block_ids.repeat_interleave(q_len)  # (M*Q,)
-    q_index = torch.arange(q_len, device=dev).repeat(M)
-    kv_block = torch.cat([
-        torch.full((prefix_len,), PREFIX_BLOCK, device=dev),
-        block_ids.repeat_interleave(n_injected),
-        q_block,
-    ])
-    kv_index = torch.cat([
-        torch.arange(prefix_len, device=dev),
-        torch.full((M * n_injected,), -1, device=dev),  # before every query of its block
-        q_index,
-    ])
-    doc_kw = {}
-    if docs is not None:
-        pad = torch.full((B, M * (n_injected + q_len)), -1, device=dev, dtype=docs.dtype)
-        doc_kw = {
-            "q_doc": docs.gather(1, sites).repeat_interleave(q_len, dim=1),
-            "kv_doc": torch.cat([docs, pad], dim=1),
-        }
-    return prefix_block_causal(
-        q_block.unsqueeze(0), q_index.unsqueeze(0), sites.repeat_interleave(q_len, dim=1),
-        kv_block.unsqueeze(0), kv_index.unsqueeze(0), **doc_kw,
-    )
+    """Mask for M blocks of `q_len` queries after a cache of `prefix_len` positions: the
+    cache is visible up to the block's site (in its document), `n_injected` K/V per block
+    (h1's Coprocessor cache) to the whole block, the block itself causally."""
+    doc_kw = {} if docs is None else {"prefix_doc": docs, "limit_doc": docs.gather(1, sites)}
+    return uniform_blocks(sites, q_len, prefix_len, injected=n_injected, **doc_kw)
 
 
 def cat_kv(a: list[KV], b: list[KV]) -> list[KV]:
