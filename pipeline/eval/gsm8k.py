@@ -9,7 +9,6 @@ first "Question:" or blank line and its final number compared with the reference
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -23,6 +22,7 @@ import torch
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
 from pipeline.eval.models import EvalModel
+from pipeline.eval.multiple_choice import read_jsonl_rows, require_fields
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +35,9 @@ _ANY = re.compile(_NUMBER)
 def read_gsm8k(path: str | Path) -> list[dict[str, str]]:
     """Rows {"question", "answer"} of a GSM8K jsonl file; errors name the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PipelineError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        for key in ("question", "answer"):
-            if not isinstance(row, dict) or key not in row:
-                raise PipelineError(f"{path}:{n}: missing field {key!r} (expected: question, answer)")
+    for row, where in read_jsonl_rows(path):
+        require_fields(row, ["question", "answer"], where)
         rows.append({"question": row["question"], "answer": row["answer"]})
     if not rows:
         raise PipelineError(f"{path}: no problems")

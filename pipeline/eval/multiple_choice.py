@@ -57,13 +57,13 @@ class MCDoc:
 
 
 # ---------------------------------------------------------------------- readers
-def _require(row: dict[str, Any], keys: list[str], where: str) -> None:
+def require_fields(row: dict[str, Any], keys: list[str], where: str) -> None:
     for key in keys:
         if key not in row:
             raise PipelineError(f"{where}: missing field {key!r} (expected: {', '.join(keys)})")
 
 
-def _read_jsonl(path: Path) -> list[tuple[dict[str, Any], str]]:
+def read_jsonl_rows(path: Path) -> list[tuple[dict[str, Any], str]]:
     if not path.is_file():
         raise PipelineError(f"{path}: no such file")
     rows = []
@@ -122,41 +122,41 @@ def read_task(task: str, path: str | Path) -> list[MCDoc]:
     if task not in TASK_FORMATS:
         raise PipelineError(f"unknown task {task!r}; known: {', '.join(TASK_FORMATS)}")
     path = Path(path)
-    rows = _read_jsonl(path)
+    rows = read_jsonl_rows(path)
     docs = []
     labels = _labels_beside(path, len(rows)) if task in ("piqa", "siqa") else None
     for i, (row, where) in enumerate(rows):
         if task == "hellaswag":
-            _require(row, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], where)
+            require_fields(row, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], where)
             ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
             choices = [_hellaswag_pre(e) for e in row["endings"]]
             docs.append(_mc(_hellaswag_pre(row["activity_label"] + ": " + ctx), choices,
                             _index(row["label"], len(choices), where, "label")))
         elif task in ("arc_easy", "arc_challenge"):
-            _require(row, ["question", "answerKey"], where)
+            require_fields(row, ["question", "answerKey"], where)
             q = row["question"]
             if isinstance(q, dict):  # the allenai release
-                _require(q, ["stem", "choices"], where + " question")
+                require_fields(q, ["stem", "choices"], where + " question")
                 stem, texts, keys = q["stem"], [c["text"] for c in q["choices"]], [c["label"] for c in q["choices"]]
             else:  # the Hugging Face rows
-                _require(row, ["choices"], where)
+                require_fields(row, ["choices"], where)
                 stem, texts, keys = q, row["choices"]["text"], row["choices"]["label"]
             if row["answerKey"] not in keys:
                 raise PipelineError(f"{where}: answerKey {row['answerKey']!r} is not a choice label {keys}")
             docs.append(_mc(f"Question: {stem}\nAnswer:", texts, keys.index(row["answerKey"])))
         elif task == "piqa":
-            _require(row, ["goal", "sol1", "sol2"] + ([] if labels else ["label"]), where)
+            require_fields(row, ["goal", "sol1", "sol2"] + ([] if labels else ["label"]), where)
             label = labels[i] if labels else row["label"]
             docs.append(_mc(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]],
                             _index(label, 2, where, "label")))
         elif task == "siqa":
-            _require(row, ["context", "question", "answerA", "answerB", "answerC"] + ([] if labels else ["label"]),
+            require_fields(row, ["context", "question", "answerA", "answerB", "answerC"] + ([] if labels else ["label"]),
                      where)
             label = labels[i] if labels else row["label"]
             docs.append(_mc(f"Q: {row['context']} {row['question']}\nA:",
                             [row["answerA"], row["answerB"], row["answerC"]], _index(label, 3, where, "label", 1)))
         else:  # winogrande: the option completes the context; the rest of the sentence is scored
-            _require(row, ["sentence", "option1", "option2", "answer"], where)
+            require_fields(row, ["sentence", "option1", "option2", "answer"], where)
             s = row["sentence"]
             if "_" not in s:
                 raise PipelineError(f"{where}: field 'sentence' has no '_' blank")
