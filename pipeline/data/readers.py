@@ -202,7 +202,7 @@ class Reader:
             return True
         return False
 
-    def read_jsonl_rows(self, i: int, src: Source) -> Iterator[tuple[str, int, int]]:
+    def _read_jsonl(self, i: int, src: Source) -> Iterator[tuple[str, int, int]]:
         with self._open_binary(src) as f:
             if self._looks_binary(src, f.peek(_SNIFF)[:_SNIFF] if hasattr(f, "peek") else b""):
                 return
