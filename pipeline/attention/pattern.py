@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.attention.blocks import BlockLayout, additive, blocks_attention
 from pipeline.errors import PipelineError
 
 Rule = Callable[..., Tensor]
@@ -65,6 +66,9 @@ class AttentionPattern:
     """True only for plain causal with q_len == kv_len: enables SDPA's fast path."""
     block_size: int = 128
     """FlexAttention block size (tokens per sparsity block)."""
+    blocks: BlockLayout | None = None
+    """Set by `uniform_blocks`: queries are equal blocks that see a prefix and their own
+    keys only, so SDPA on CPU runs them as two kernels (`pipeline.attention.blocks`)."""
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -124,6 +128,23 @@ class AttentionPattern:
             self._cache[key] = mask.expand(nb, 1, self.q_len, self.kv_len)
         return self._cache[key]
 
+    def split_masks(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        """Additive masks of a `blocks` pattern: queries x prefix keys `[B or 1, 1, Q, P]`, and
+        block 0's queries x its own keys `[1, 1, L, I+L]` (None = plain causal), from the rule."""
+        key = ("split", str(device), dtype)
+        if key not in self._cache:
+            lay, nb, rule = self.blocks, self.meta_batch, self.mask_mod(device)
+            b = torch.arange(nb, device=device).view(nb, 1, 1, 1)
+            h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+            q = torch.arange(self.q_len, device=device).view(1, 1, -1, 1)
+            kv = torch.arange(lay.prefix_len, device=device).view(1, 1, 1, -1)
+            prefix = rule(b, h, q, kv).expand(nb, 1, self.q_len, lay.prefix_len)
+            q_own, kv_own = (t.to(device) for t in lay.block_keys())
+            own = rule(b[:1], h, q_own.view(1, 1, -1, 1), kv_own.view(1, 1, 1, -1))
+            causal_own = lay.injected == 0 and bool(own.equal(torch.ones_like(own).tril()))
+            self._cache[key] = (additive(prefix, dtype), None if causal_own else additive(own, dtype))
+        return self._cache[key]
+
     def block_mask(self, device: torch.device):
         """The FlexAttention `BlockMask` (batch 1 when the metadata is shared)."""
         from torch.nn.attention.flex_attention import create_block_mask
@@ -140,11 +161,13 @@ class AttentionPattern:
             )
         return self._cache[key]
 
-    def prepare(self, device: torch.device) -> None:
+    def prepare(self, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         """Compile the mask for `device` now (before activation checkpointing regions)."""
         backend = self.resolve_backend(device)
         if backend == "flex":
             self.block_mask(device)
+        elif self.blocks is not None and device.type == "cpu":
+            self.split_masks(device, dtype)
         elif not self.is_causal:
             self.dense_mask(device)
 
@@ -178,4 +201,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor
         return fn(q, k, v, block_mask=pattern.block_mask(q.device), enable_gqa=gqa)
     if pattern.is_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if pattern.blocks is not None and q.device.type == "cpu":
+        return blocks_attention(q, k, v, pattern.blocks, *pattern.split_masks(q.device, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask(q.device), enable_gqa=gqa)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pipeline.attention.blocks import BlockLayout
 from pipeline.attention.pattern import AttentionPattern, Backend
 from pipeline.errors import PipelineError
 
@@ -172,7 +173,7 @@ def uniform_blocks(
             "q_doc": limit_doc.repeat_interleave(block_len, dim=1),
             "kv_doc": torch.cat([prefix_doc, pad], dim=1),
         }
-    return prefix_block_causal(
+    pattern = prefix_block_causal(
         block.expand(nb, -1),
         index.expand(nb, -1),
         limits.repeat_interleave(block_len, dim=1),
@@ -181,3 +182,5 @@ def uniform_blocks(
         backend=backend,
         **docs,
     )
+    pattern.blocks = BlockLayout(prefix_len, injected, m, block_len)
+    return pattern

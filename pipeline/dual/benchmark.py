@@ -7,9 +7,12 @@ One step = the variant's loss, backward, AdamW on its trainable parameters
 (`--no-optimizer`: loss and backward only).
 "packed" is `DualModel.forward` (all M sites at once); "loop" is the per-site
 reference (`pipeline.dual.reference`, one site at a time); "plain" is a causal-LM
-step of the same Base on the same batch. FLOPs are counted by torch's
-FlopCounterMode on the step actually run (dense-mask attention included), so
-achieved FLOP/s compares how well each step keeps the hardware busy.
+step of the same Base on the same batch. FLOPs are model FLOPs, counted by
+torch's FlopCounterMode on the step actually run: every matmul, plus attention
+over the query-key pairs the mask lets through (2 x 2 x head_dim per pair
+forward, twice that backward). Pairs a kernel computes only to mask them out are
+not credited, so achieved FLOP/s says how much of the time goes to useful work,
+the same yardstick for the packed and the plain step.
 Nothing is asserted: this prints figures.
 """
 
@@ -21,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.dual.config import DualConfig
@@ -43,8 +47,38 @@ def _step(params: list[torch.nn.Parameter], loss_fn: Callable[[], torch.Tensor],
     return step
 
 
+def _visible_pairs(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | None) -> int:
+    """Query-key pairs an attention call lets through, over all batch rows and heads."""
+    b, h, lq, lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if attn_mask is not None:
+        seen = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        return int(seen.expand(b, h, lq, lk).sum())
+    if is_causal:  # top-left aligned: query i sees keys 0..i
+        return int(torch.arange(1, lq + 1).clamp(max=lk).sum()) * b * h
+    return b * h * lq * lk
+
+
+def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
+                         out_val=None) -> int:
+    return 2 * _visible_pairs(query, key, is_causal, attn_mask) * (query.shape[-1] + value.shape[-1])
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *,
+                                  attn_mask=None, scale=None, out_val=None) -> int:
+    return 2 * _cpu_attention_flops(query, key, value, is_causal=is_causal, attn_mask=attn_mask)
+
+
+_cpu_attention_flops._get_raw = True  # FlopCounterMode: pass tensors, not shapes (the mask is needed)
+_cpu_attention_backward_flops._get_raw = True
+_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def _count_flops(fn: Callable[[], None]) -> int:
-    counter = FlopCounterMode(display=False)
+    """Model FLOPs of one call of `fn`: matmuls + attention over visible pairs."""
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     with counter:
         fn()
     return counter.get_total_flops()

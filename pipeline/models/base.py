@@ -106,7 +106,7 @@ class CausalLM(nn.Module):
         position_ids = position_ids.expand(b, t)
         if attention is None:
             attention = causal(t, p + t)
-        attention.prepare(x.device)  # compile the mask once, outside checkpointed regions
+        attention.prepare(x.device, x.dtype)  # compile the mask once, outside checkpointed regions
 
         x, pos = self._positions(x, position_ids)
         kvs: list[KV] = []
