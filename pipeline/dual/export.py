@@ -44,7 +44,7 @@ def export_dual(dual: DualModel, path: str | Path, *, run_config: dict[str, Any]
         merge_lora(cop)
         cop.save_pretrained(path / "coprocessor", dtype=dtype)
     if dual.soft_tokens is not None:
-        soft = dual.soft_tokens.detach().expand(cfg.n_latents, -1).contiguous().cpu()  # pause: repeated
+        soft = dual.soft_tokens.weight.detach().expand(cfg.n_latents, -1).contiguous().cpu()  # pause: repeated
         save_file({"soft_tokens": soft if dtype is None else soft.to(dtype)}, str(path / "latents.safetensors"))
     meta = {
         "format_version": FORMAT_VERSION,

@@ -81,7 +81,9 @@ class DualModel(nn.Module):
                 coprocessor = copy.deepcopy(base) if config.coprocessor_init == "base" else build_model(base.config)
             _check_compatible(base, coprocessor)
             self.coprocessor = coprocessor
-        self.soft_tokens: nn.Parameter | None = None
+        self.soft_tokens: nn.Embedding | None = None
+        """The learnable slot (or pause) embeddings, rows `(N_L or 1, d)`. An nn.Embedding
+        called in forward, not a bare Parameter, so ZeRO-3 gathers it like any layer."""
         if spec.augments:
             rows = 1 if spec.slots == "pause" else config.n_latents
             if soft_tokens is None:
@@ -93,7 +95,9 @@ class DualModel(nn.Module):
                 raise PipelineError(
                     f"soft_tokens has shape {tuple(soft_tokens.shape)}, expected ({rows}, {base.config.d_model})"
                 )
-            self.soft_tokens = nn.Parameter(soft_tokens[:rows].clone().to(_device(base)))
+            self.soft_tokens = nn.Embedding(rows, base.config.d_model, device=_device(base))
+            with torch.no_grad():
+                self.soft_tokens.weight.copy_(soft_tokens[:rows])
         self._set_trainable()
 
     # ------------------------------------------------------------------ trainable parameters
@@ -138,6 +142,11 @@ class DualModel(nn.Module):
         for name in unused:
             self.get_parameter(name).requires_grad_(False)
         return unused
+
+    def slot_embeddings(self) -> Tensor:
+        """The soft-token rows `(N_L or 1, d)` (through the module call, for ZeRO-3)."""
+        rows = self.soft_tokens.num_embeddings
+        return self.soft_tokens(torch.arange(rows, device=self.soft_tokens.weight.device))
 
     # ------------------------------------------------------------------ the three passes
     def sample_sites(self, input_ids: Tensor, generator: torch.Generator) -> Tensor:
@@ -198,7 +207,7 @@ class DualModel(nn.Module):
             z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)
             return (None, cop_kv) if spec.slots == "coprocessor_kv" else (z, None)
         B, M = sites.shape
-        return self.soft_tokens.expand(n_l, d).expand(B, M, n_l, d), None  # slot or pause embeddings
+        return self.slot_embeddings().expand(n_l, d).expand(B, M, n_l, d), None  # slot or pause embeddings
 
     def site_logits(
         self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], base_hidden: Tensor,
@@ -249,7 +258,7 @@ class DualModel(nn.Module):
                 inputs_embeds=base_hidden, attention=_causal_pattern(base_hidden[..., 0], docs),
                 return_kv=True, return_logits=False,
             ).kv
-        slots = self.soft_tokens.expand(B, M, n_l, d)
+        slots = self.slot_embeddings().expand(B, M, n_l, d)
         positions = sites.unsqueeze(-1) + 1 + torch.arange(n_l, device=sites.device)  # (B, M, N_L)
         out = self.coprocessor(
             inputs_embeds=slots.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=cache,

@@ -40,12 +40,12 @@ def naive_loss(dual: DualModel, x: torch.Tensor, sites: torch.Tensor) -> torch.T
                         return_logits=False,
                     ).kv
                 cop = dual.coprocessor(
-                    inputs_embeds=dual.soft_tokens[None], position_ids=torch.arange(p + 1, p + 1 + n_l),
+                    inputs_embeds=dual.slot_embeddings()[None], position_ids=torch.arange(p + 1, p + 1 + n_l),
                     prefix_kv=cop_prefix, return_kv=True, return_logits=False,
                 )
                 z, cop_kv = cop.hidden_states[0], cop.kv
             else:
-                z = dual.soft_tokens.expand(n_l, -1)
+                z = dual.slot_embeddings().expand(n_l, -1)
             toks = dual.base.embed(x[b, p + 1 - r : p + n_a])  # (r + n_a - 1, d)
             if slots == "coprocessor_kv":  # h1: the Coprocessor's K/V join the cache
                 prefix = cat_kv(cache, cop_kv)

@@ -78,7 +78,7 @@ def test_what_each_variant_trains():
         "pause": (False, False, True, False),
         "continued_pretraining": (True, False, False, False),
     }
-    assert tuple(make("pause").soft_tokens.shape) == (1, 64)  # one embedding, repeated
+    assert tuple(make("pause").soft_tokens.weight.shape) == (1, 64)  # one embedding, repeated
     assert make("h1", freeze_base=False).config.train_base
 
 
