@@ -68,7 +68,7 @@ class AttentionPattern:
     """FlexAttention block size (tokens per sparsity block)."""
     blocks: BlockLayout | None = None
     """Set by `uniform_blocks`: queries are equal blocks that see a prefix and their own
-    keys only, so SDPA on CPU runs them as two kernels (`pipeline.attention.blocks`)."""
+    keys only, so SDPA on CPU may run them as two kernels (`pipeline.attention.blocks`)."""
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -128,9 +128,14 @@ class AttentionPattern:
             self._cache[key] = mask.expand(nb, 1, self.q_len, self.kv_len)
         return self._cache[key]
 
-    def split_masks(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """Additive masks of a `blocks` pattern: queries x prefix keys `[B or 1, 1, Q, P]`, and
-        block 0's queries x its own keys `[1, 1, L, I+L]` (None = plain causal), from the rule."""
+    def _split(self, device: torch.device) -> bool:
+        """Run this SDPA pattern as the two-part CPU path of `pipeline.attention.blocks`?"""
+        return self.blocks is not None and self.blocks.split and device.type == "cpu"
+
+    def split_masks(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Tensor], Tensor | None]:
+        """Additive masks of a `blocks` pattern, from the rule: for each query group of the
+        layout, its queries x the prefix keys it reads `[B or 1, 1, q, k]`; and block 0's
+        queries x its own keys `[1, 1, L, I+L]` (None = plain causal)."""
         key = ("split", str(device), dtype)
         if key not in self._cache:
             lay, nb, rule = self.blocks, self.meta_batch, self.mask_mod(device)
@@ -139,10 +144,11 @@ class AttentionPattern:
             q = torch.arange(self.q_len, device=device).view(1, 1, -1, 1)
             kv = torch.arange(lay.prefix_len, device=device).view(1, 1, 1, -1)
             prefix = rule(b, h, q, kv).expand(nb, 1, self.q_len, lay.prefix_len)
+            groups = [additive(prefix[:, :, a:e, :n], dtype) for a, e, n in lay.groups]
             q_own, kv_own = (t.to(device) for t in lay.block_keys())
             own = rule(b[:1], h, q_own.view(1, 1, -1, 1), kv_own.view(1, 1, 1, -1))
             causal_own = lay.injected == 0 and bool(own.equal(torch.ones_like(own).tril()))
-            self._cache[key] = (additive(prefix, dtype), None if causal_own else additive(own, dtype))
+            self._cache[key] = (groups, None if causal_own else additive(own, dtype))
         return self._cache[key]
 
     def block_mask(self, device: torch.device):
@@ -166,7 +172,7 @@ class AttentionPattern:
         backend = self.resolve_backend(device)
         if backend == "flex":
             self.block_mask(device)
-        elif self.blocks is not None and device.type == "cpu":
+        elif self._split(device):
             self.split_masks(device, dtype)
         elif not self.is_causal:
             self.dense_mask(device)
@@ -201,6 +207,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor
         return fn(q, k, v, block_mask=pattern.block_mask(q.device), enable_gqa=gqa)
     if pattern.is_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if pattern.blocks is not None and q.device.type == "cpu":
-        return blocks_attention(q, k, v, pattern.blocks, *pattern.split_masks(q.device, q.dtype))
+    if pattern._split(q.device):
+        n = pattern.blocks.prefix_len + pattern.blocks.n_blocks * pattern.blocks.injected
+        return blocks_attention(q, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], pattern.blocks,
+                                *pattern.split_masks(q.device, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask(q.device), enable_gqa=gqa)

@@ -182,5 +182,5 @@ def uniform_blocks(
         backend=backend,
         **docs,
     )
-    pattern.blocks = BlockLayout(prefix_len, injected, m, block_len)
+    pattern.blocks = BlockLayout.for_limits(limits, prefix_len, injected, block_len)
     return pattern

@@ -19,7 +19,9 @@ def _pattern(prefix_len, n_blocks, block_len, injected, with_docs, seed):
     if with_docs:
         prefix_doc = torch.cumsum((torch.rand(B, prefix_len, generator=g) < 0.2).long(), dim=1)
         docs = {"prefix_doc": prefix_doc, "limit_doc": prefix_doc.gather(1, limits)}
-    return uniform_blocks(limits, block_len, prefix_len, injected=injected, **docs)
+    pattern = uniform_blocks(limits, block_len, prefix_len, injected=injected, **docs)
+    pattern.blocks = dataclasses.replace(pattern.blocks, split=True)  # also where dense is cheaper
+    return pattern
 
 
 @pytest.mark.parametrize(
@@ -53,14 +55,26 @@ def test_split_path_equals_dense_mask(prefix_len, n_blocks, block_len, injected,
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=f"d{name} differs")
 
 
+def test_split_only_where_it_pays():
+    """Few blocks: one dense kernel; many: the two-part path (figures in blocks.py)."""
+    limits = torch.arange(64).mul(3).unsqueeze(0)
+    assert not uniform_blocks(limits[:, :1], 16, 256).blocks.split  # M = 1
+    assert not uniform_blocks(limits[:, :8], 16, 256).blocks.split
+    assert uniform_blocks(limits[:, :16], 16, 256).blocks.split
+    assert uniform_blocks(limits, 8, 256).blocks.split
+
+
 def test_split_masks_come_from_the_rule():
     """Pieces of the dense mask: prefix columns, and block 0's own (injected + causal) keys."""
     pattern = _pattern(30, 3, 4, 2, True, seed=3)
     cpu = torch.device("cpu")
-    prefix, own = pattern.split_masks(cpu, torch.float32)
+    groups, own = pattern.split_masks(cpu, torch.float32)
     dense = pattern.dense_mask(cpu)
-    assert torch.equal(prefix > float("-inf"), dense[..., :30])
     lay = pattern.blocks
+    assert [(a, e) for a, e, _ in lay.groups] == [(0, 8), (8, 12)]  # blocks 0-1, block 2
+    for (a, e, n), mask in zip(lay.groups, groups, strict=True):
+        assert torch.equal(mask > float("-inf"), dense[:, :, a:e, :n])
+        assert not dense[:, :, a:e, n:30].any()  # the keys a group skips are masked for it
     for m in range(lay.n_blocks):  # every block sees its own keys the way block 0 does
         rows = slice(m * lay.block_len, (m + 1) * lay.block_len)
         injected = dense[:, 0, rows, 30 + m * 2:30 + (m + 1) * 2]

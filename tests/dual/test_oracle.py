@@ -10,8 +10,12 @@ parameter to 1e-4. The oracle (`pipeline.dual.reference`) shares no masking code
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+
+from pipeline.attention import blocks
 
 from pipeline.dual.config import DualConfig
 from pipeline.dual.model import DualModel
@@ -75,9 +79,22 @@ def assert_matches_oracle(dual: DualModel, x: torch.Tensor, sites: torch.Tensor)
         torch.testing.assert_close(gp, gn, atol=1e-4, rtol=0, msg=lambda m, n=name: f"grad of {n}: {m}")
 
 
+@pytest.fixture(params=["split", "dense"])
+def cpu_attention(request, monkeypatch):
+    """Run the site passes through one CPU attention path: two-part (prefix / own block)
+    kernels, or one dense-mask kernel, whichever the size heuristic would pick."""
+    for_limits = blocks.BlockLayout.for_limits.__func__
+
+    def forced(cls, *args, **kwargs):
+        return dataclasses.replace(for_limits(cls, *args, **kwargs), split=request.param == "split")
+
+    monkeypatch.setattr(blocks.BlockLayout, "for_limits", classmethod(forced))
+    return request.param
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_packed_equals_per_site(family, case):
+def test_packed_equals_per_site(family, case, cpu_attention):
     dual = make(family, **CASES[case])
     x = batch(dual)
     assert_matches_oracle(dual, x, edge_sites(dual))
@@ -92,7 +109,7 @@ def test_single_site_single_ahead(family, variant):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sampled_sites(family):
+def test_sampled_sites(family, cpu_attention):
     dual = make(family, variant="h2", n_sites=6, document_mask=True, document_aware_sites=True)
     x = batch(dual)
     sites = dual.sample_sites(x, torch.Generator().manual_seed(3))
