@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from pipeline.attention import blocks
-
 from pipeline.dual.config import DualConfig
 from pipeline.dual.model import DualModel
 from pipeline.dual.reference import naive_loss
