@@ -5,7 +5,14 @@
     out = attend(q, k, v, pattern)               # flex on CUDA, SDPA on CPU (overridable)
 """
 
-from pipeline.attention.pattern import BACKENDS, AttentionPattern, Backend, Rule, attend
+from pipeline.attention.pattern import (
+    BACKENDS,
+    AttentionPattern,
+    Backend,
+    Rule,
+    attend,
+    attend_after_prefix,
+)
 from pipeline.attention.rules import (
     PREFIX_BLOCK,
     causal,
@@ -22,6 +29,7 @@ __all__ = [
     "Backend",
     "Rule",
     "attend",
+    "attend_after_prefix",
     "causal",
     "doc_ids_from_eos",
     "document_causal",

@@ -212,3 +212,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor
         return blocks_attention(q, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], pattern.blocks,
                                 *pattern.split_masks(q.device, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask(q.device), enable_gqa=gqa)
+
+
+def attend_after_prefix(q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, Tensor] | None,
+                        pattern: AttentionPattern) -> Tensor:
+    """`attend` over keys [prefix ; own k, v], prefix `(k, v)` each `(B, nkv, P, hs)` or None.
+
+    The same as concatenating first; the two-part CPU path reads the prefix in place.
+    """
+    if prefix is None:
+        return attend(q, k, v, pattern)
+    k_pre, v_pre = prefix[0].to(k.dtype), prefix[1].to(v.dtype)
+    if pattern._split(q.device):
+        if q.shape[2] != pattern.q_len or k_pre.shape[2] + k.shape[2] != pattern.kv_len:
+            raise PipelineError(
+                f"attention pattern is for {pattern.q_len} queries x {pattern.kv_len} keys, "
+                f"got {q.shape[2]} x {k_pre.shape[2] + k.shape[2]}"
+            )
+        return blocks_attention(q, k_pre, v_pre, k, v, pattern.blocks, *pattern.split_masks(q.device, q.dtype))
+    return attend(q, torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2), pattern)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.attention import AttentionPattern, attend
+from pipeline.attention import AttentionPattern, attend_after_prefix
 
 KV = tuple[Tensor, Tensor]
 """One layer's keys and values, each `(B, n_kv_head, T, head_dim)`, position-encoded."""
@@ -72,13 +72,9 @@ def attend_with_prefix(
     q: Tensor, k: Tensor, v: Tensor, prefix: KV | None, pattern: AttentionPattern
 ) -> tuple[Tensor, KV]:
     """Attention of q over [prefix ; own] keys. Returns out `(B, T, nh*hs)` and the own (k, v)."""
-    own = (k, v)
-    if prefix is not None:
-        k = torch.cat([prefix[0].to(k.dtype), k], dim=2)  # (B, nkv, P+T, hs)
-        v = torch.cat([prefix[1].to(v.dtype), v], dim=2)
-    y = attend(q, k, v, pattern)  # (B, nh, T, hs)
+    y = attend_after_prefix(q, k, v, prefix, pattern)  # (B, nh, T, hs)
     b, nh, t, hs = y.shape
-    return y.transpose(1, 2).reshape(b, t, nh * hs), own
+    return y.transpose(1, 2).reshape(b, t, nh * hs), (k, v)
 
 
 class GeluMLP(nn.Module):
