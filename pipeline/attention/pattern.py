@@ -135,16 +135,22 @@ class AttentionPattern:
     def split_masks(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Tensor], Tensor | None]:
         """Additive masks of a `blocks` pattern, from the rule: for each query group of the
         layout, its queries x the prefix keys it reads `[B or 1, 1, q, k]`; and block 0's
-        queries x its own keys `[1, 1, L, I+L]` (None = plain causal)."""
+        queries x its own keys `[1, 1, L, I+L]` (None = plain causal). `uniform_blocks` gives
+        every query of a block the same prefix and every block the same own-key pattern, so
+        the rule runs on one query per block and on block 0 (tests check against the dense mask)."""
         key = ("split", str(device), dtype)
         if key not in self._cache:
             lay, nb, rule = self.blocks, self.meta_batch, self.mask_mod(device)
             b = torch.arange(nb, device=device).view(nb, 1, 1, 1)
             h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-            q = torch.arange(self.q_len, device=device).view(1, 1, -1, 1)
+            # the prefix a query sees depends only on its block (its site and document): evaluate
+            # the rule for each block's first query, then repeat that row over the block
+            n_l = lay.block_len
+            first = torch.arange(0, self.q_len, n_l, device=device).view(1, 1, -1, 1)
             kv = torch.arange(lay.prefix_len, device=device).view(1, 1, 1, -1)
-            prefix = rule(b, h, q, kv).expand(nb, 1, self.q_len, lay.prefix_len)
-            groups = [additive(prefix[:, :, a:e, :n], dtype) for a, e, n in lay.groups]
+            prefix = additive(rule(b, h, first, kv).expand(nb, 1, lay.n_blocks, lay.prefix_len), dtype)
+            groups = [prefix[:, :, a // n_l:e // n_l, None, :n].expand(-1, -1, -1, n_l, -1).flatten(2, 3)
+                      for a, e, n in lay.groups]
             q_own, kv_own = (t.to(device) for t in lay.block_keys())
             own = rule(b[:1], h, q_own.view(1, 1, -1, 1), kv_own.view(1, 1, 1, -1))
             causal_own = lay.injected == 0 and bool(own.equal(torch.ones_like(own).tril()))

@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-latents", type=int, default=8)
     ap.add_argument("--n-ahead", type=int, default=8)
     ap.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16, 64], help="values of M")
-    ap.add_argument("--rounds", type=int, default=5, help="timed steps per candidate (median reported)")
+    ap.add_argument("--rounds", type=int, default=5, help="turns per candidate (median step reported)")
+    ap.add_argument("--burst", type=int, default=4,
+                    help="steps per turn, the first untimed (1 = alternate every step, caches cold)")
     ap.add_argument("--no-loop", action="store_true", help="skip the (slow) per-site loop")
     ap.add_argument("--no-optimizer", action="store_true",
                     help="time forward+backward only (h2 updates two models, the plain step one)")
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_loop:
             steps["loop"] = _step(trainable, lambda d=dual, x=x, s=sites: naive_loss(d, x, s), opt)
         flops = {name: _count_flops(step) for name, step in steps.items() if name != "loop"}
-        times = time_interleaved(steps, rounds=args.rounds, warmup=1, device=device)
+        times = time_interleaved(steps, rounds=args.rounds, warmup=1, device=device, burst=args.burst)
         packed_gfs = flops["packed"] / times["packed"] / 1e9
         plain_gfs = flops["plain"] / times["plain"] / 1e9
         loop = f"{times['loop'] * 1e3:>10.1f}" if "loop" in times else f"{'-':>10}"

@@ -62,23 +62,27 @@ def make_step(model: torch.nn.Module, forward: Callable, inputs: torch.Tensor,
 
 
 def time_interleaved(steps: dict[str, Callable[[], None]], rounds: int, warmup: int,
-                     device: torch.device) -> dict[str, float]:
+                     device: torch.device, burst: int = 1) -> dict[str, float]:
     """Median seconds per step of each candidate, timed round-robin.
 
-    Alternating the candidates step by step means a noisy neighbour on a shared
-    machine slows all of them alike instead of whichever happened to run then.
+    Alternating the candidates means a noisy neighbour on a shared machine slows
+    all of them alike instead of whichever happened to run then. With `burst` > 1
+    each turn runs `burst` steps back to back and times all but the first, the
+    way training repeats one step: caches warm with that step's own weights and
+    activations rather than the previous candidate's.
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(warmup + rounds):
         for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
+            for i in range(burst):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r >= warmup and (i > 0 or burst == 1):
+                    times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
