@@ -2,6 +2,7 @@
 
     python launchers/benchmark.py dual                          # CPU, gpt2-tiny, S=256, N_L=N_A=8
     python launchers/benchmark.py dual --sites 1 4 16 64 --variant liu
+    python launchers/benchmark.py dual --device cuda            # bf16, + decode pass flex vs dense
 
 One step = the variant's loss, backward, AdamW on its trainable parameters
 (`--no-optimizer`: loss and backward only).
@@ -13,6 +14,10 @@ over the query-key pairs the mask lets through (2 x 2 x head_dim per pair
 forward, twice that backward). Pairs a kernel computes only to mask them out are
 not credited, so achieved FLOP/s says how much of the time goes to useful work,
 the same yardstick for the packed and the plain step.
+On CUDA (bf16) attention FLOPs are torch's own formulas (dense for SDPA), and a
+second table times the decode pass (pass 3, forward + backward) with FlexAttention
+against SDPA with a dense mask at S=1024, M=64, N_L=N_A=16 (`--decode-*`), the
+shape where the dense mask's cross-block work dominates.
 Nothing is asserted: this prints figures.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from collections.abc import Callable
 
 import torch
@@ -84,6 +90,50 @@ def _count_flops(fn: Callable[[], None]) -> int:
     return counter.get_total_flops()
 
 
+def _decode_pass(dual: DualModel, x: Tensor, sites: Tensor) -> Callable[[], None]:
+    """Forward + backward of pass 3 alone, on a fixed cache and fixed slot contents."""
+    with torch.no_grad():
+        out = dual.base(x, return_kv=True, return_logits=False)
+        latents, extra_kv = dual.slot_contents(sites, out.kv, out.hidden_states)
+    if latents is not None:
+        latents.requires_grad_(True)
+    n_ahead = dual.config.n_ahead
+    targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=x.device)).flatten(1))
+
+    def step() -> None:
+        logits = dual.decode_logits(x, sites, n_ahead, out.kv, latents, extra_kv)
+        F.cross_entropy(logits.float().flatten(0, 2), targets.flatten()).backward()
+
+    return step
+
+
+def _decode_table(args, device: torch.device, dtype: torch.dtype) -> None:
+    seq, m, n = args.decode_seq, args.decode_sites, args.decode_latents
+    cfg_model = preset(args.preset, max_position_embeddings=max(seq + 2 * n + 1, 128))
+    torch.manual_seed(0)
+    base = build_model(cfg_model).to(device, dtype)
+    x = torch.randint(0, cfg_model.vocab_size, (args.batch, seq), device=device)
+    steps, memory = {}, {}
+    for backend in args.decode_backends:
+        cfg = DualConfig(variant=args.variant, n_latents=n, n_ahead=n, n_sites=m, attention_backend=backend)
+        dual = DualModel(base, cfg, eos_id=None)
+        sites = dual.sample_sites(x.cpu(), torch.Generator().manual_seed(0)).to(device)
+        steps[backend] = _decode_pass(dual, x, sites)
+    times = time_interleaved(steps, rounds=args.rounds, warmup=1, device=device, burst=args.burst)
+    for backend, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            memory[backend] = torch.cuda.max_memory_allocated() / 2**30
+    print(f"\ndecode pass (pass 3) forward+backward, {args.preset} {str(dtype).removeprefix('torch.')}, "
+          f"B={args.batch} S={seq} M={m} N_L=N_A={n}")
+    dense = times.get("sdpa")
+    for backend, sec in times.items():
+        vs = f"{dense / sec:.2f}x vs dense (target >= 3x for flex)" if dense and backend != "sdpa" else ""
+        mem = f"{memory[backend]:.2f} GiB peak" if backend in memory else ""
+        print(f"  {backend:<5} {sec * 1e3:>9.2f} ms  {mem:<14} {vs}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="benchmark.py dual", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="gpt2-tiny", help="model preset of the Base (and Coprocessor)")
@@ -99,21 +149,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-loop", action="store_true", help="skip the (slow) per-site loop")
     ap.add_argument("--no-optimizer", action="store_true",
                     help="time forward+backward only (h2 updates two models, the plain step one)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16 and the decode table")
+    ap.add_argument("--decode", action="store_true", help="print the decode-pass table on CPU too")
+    ap.add_argument("--decode-backends", nargs="+", default=["flex", "sdpa"], choices=["flex", "sdpa"],
+                    help="attention backends of the decode table (flex has no CPU backward)")
+    ap.add_argument("--decode-seq", type=int, default=1024)
+    ap.add_argument("--decode-sites", type=int, default=64)
+    ap.add_argument("--decode-latents", type=int, default=16, help="N_L = N_A of the decode table")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.decode and device.type == "cpu" and "flex" in args.decode_backends:
+        print("error: FlexAttention has no backward on CPU; use --decode-backends sdpa or --device cuda",
+              file=sys.stderr)
+        return 2
     cfg_model = preset(args.preset, max_position_embeddings=max(args.seq + args.n_latents + args.n_ahead + 1, 128))
-    print(f"device {device}, threads {torch.get_num_threads()}, preset {args.preset}, variant {args.variant}, "
+    print(f"device {device} {str(dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}, "
+          f"preset {args.preset}, variant {args.variant}, "
           f"B={args.batch} S={args.seq} N_L={args.n_latents} N_A={args.n_ahead}")
     print(f"{'M':>4} {'packed ms':>10} {'loop ms':>10} {'speedup':>8} {'target':>7} "
           f"{'packed GFLOP/s':>15} {'plain GFLOP/s':>14} {'ratio':>6}")
     for m in args.sites:
-        base = build_model(cfg_model)
+        base = build_model(cfg_model).to(device, dtype)
         dual = DualModel(base, DualConfig(variant=args.variant, n_latents=args.n_latents, n_ahead=args.n_ahead,
                                           n_sites=m), eos_id=None)
         x = torch.randint(0, cfg_model.vocab_size, (args.batch, args.seq))
-        sites = dual.sample_sites(x, torch.Generator().manual_seed(m))
+        sites = dual.sample_sites(x, torch.Generator().manual_seed(m)).to(device)
+        x = x.to(device)
         trainable = [p for p in dual.parameters() if p.requires_grad]
         plain_base = copy.deepcopy(dual.base).requires_grad_(True)  # the plain step trains a whole Base
 
@@ -134,4 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         speedup = f"{times['loop'] / times['packed']:>7.1f}x" if "loop" in times else f"{'-':>8}"
         print(f"{m:>4} {times['packed'] * 1e3:>10.1f} {loop} {speedup} {m / 2:>6.1f}x "
               f"{packed_gfs:>15.2f} {plain_gfs:>14.2f} {packed_gfs / plain_gfs:>6.2f}", flush=True)
+    if device.type == "cuda" or args.decode:
+        _decode_table(args, device, dtype)
     return 0

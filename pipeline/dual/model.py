@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from pipeline.attention import (
     AttentionPattern,
+    Backend,
     causal,
     doc_ids_from_eos,
     document_causal,
@@ -214,15 +215,25 @@ class DualModel(nn.Module):
         docs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Passes 2 and 3: logits `(B, M, n_ahead, V)` predicting x[p_m + k], k = 1..n_ahead."""
+        if int(sites.max()) + n_ahead >= input_ids.shape[1]:
+            raise PipelineError(
+                f"a site at {int(sites.max())} has targets past the sequence end ({input_ids.shape[1]})"
+            )
+        latents, extra_kv = self.slot_contents(sites, cache, base_hidden, docs)
+        return self.decode_logits(input_ids, sites, n_ahead, cache, latents, extra_kv, docs), latents
+
+    def decode_logits(
+        self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], latents: Tensor | None,
+        extra_kv: list[KV] | None, docs: Tensor | None = None,
+    ) -> Tensor:
+        """Pass 3: one block per site over the cache -> logits `(B, M, n_ahead, V)`.
+
+        Block positions continue from p+1; the first N_L are the slots (as input
+        embeddings `latents`, or as injected K/V `extra_kv` for h1).
+        """
         cfg = self.config
         B, S = input_ids.shape
         M, n_l, d = sites.shape[1], cfg.n_latents, self.base.config.d_model
-        if int(sites.max()) + n_ahead >= S:
-            raise PipelineError(f"a site at {int(sites.max())} has targets past the sequence end ({S})")
-        latents, extra_kv = self.slot_contents(sites, cache, base_hidden, docs)
-
-        # Pass 3: one block per site over the cache. Block positions continue from p+1;
-        # the first n_l are the slots (as input embeddings, or as injected K/V for h1).
         r = int(cfg.reread)
         n_tok = r + n_ahead - 1
         tok_pos = sites.unsqueeze(-1) + (1 - r) + torch.arange(n_tok, device=sites.device)  # (B, M, n_tok)
@@ -236,13 +247,13 @@ class DualModel(nn.Module):
         q_len = block.shape[2]
         positions = sites.unsqueeze(-1) + first + torch.arange(q_len, device=sites.device)
         prefix = cache if extra_kv is None else cat_kv(cache, extra_kv)
-        pattern = _site_blocks(sites, S, q_len, n_l if extra_kv is not None else 0, docs)
+        pattern = _site_blocks(sites, S, q_len, n_l if extra_kv is not None else 0, docs, cfg.attention_backend)
         out = self.base(
             inputs_embeds=block.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=prefix,
             attention=pattern, return_logits=False,
         )
         h = out.hidden_states.view(B, M, q_len, d)[:, :, -n_ahead:]  # outputs that predict targets
-        return self.base.lm_head(h), latents  # (B, M, n_ahead, V)
+        return self.base.lm_head(h)  # (B, M, n_ahead, V)
 
     def _coprocessor_pass(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None
@@ -262,7 +273,8 @@ class DualModel(nn.Module):
         positions = sites.unsqueeze(-1) + 1 + torch.arange(n_l, device=sites.device)  # (B, M, N_L)
         out = self.coprocessor(
             inputs_embeds=slots.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=cache,
-            attention=_site_blocks(sites, S, n_l, 0, docs), return_kv=True, return_logits=False,
+            attention=_site_blocks(sites, S, n_l, 0, docs, cfg.attention_backend), return_kv=True,
+            return_logits=False,
         )
         return out.hidden_states.view(B, M, n_l, d), out.kv
 
@@ -309,12 +321,13 @@ def _lm_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
 
 
-def _site_blocks(sites: Tensor, prefix_len: int, q_len: int, n_injected: int, docs: Tensor | None) -> AttentionPattern:
+def _site_blocks(sites: Tensor, prefix_len: int, q_len: int, n_injected: int, docs: Tensor | None,
+                 backend: Backend = "auto") -> AttentionPattern:
     """Mask for M blocks of `q_len` queries after a cache of `prefix_len` positions: the
     cache is visible up to the block's site (in its document), `n_injected` K/V per block
     (h1's Coprocessor cache) to the whole block, the block itself causally."""
     doc_kw = {} if docs is None else {"prefix_doc": docs, "limit_doc": docs.gather(1, sites)}
-    return uniform_blocks(sites, q_len, prefix_len, injected=n_injected, **doc_kw)
+    return uniform_blocks(sites, q_len, prefix_len, injected=n_injected, backend=backend, **doc_kw)
 
 
 def cat_kv(a: list[KV], b: list[KV]) -> list[KV]:
