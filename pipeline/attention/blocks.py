@@ -61,19 +61,24 @@ class BlockLayout:
     split: bool
 
     @classmethod
-    def for_limits(cls, limits: Tensor, prefix_len: int, injected: int, block_len: int) -> BlockLayout:
-        """`limits` `[B, M]` sorted along M: block m sees prefix keys up to limits[:, m]."""
+    def for_limits(cls, limits: Tensor, prefix_len: int, injected: int, block_len: int,
+                   split: bool | None = None) -> BlockLayout:
+        """`limits` `[B, M]` sorted along M: block m sees prefix keys up to limits[:, m].
+        `split`: force the two-part path on or off (None: where it pays, on CPU)."""
         m = limits.shape[1]
-        ends = [min(m, (g + 1) * -(-m // PREFIX_GROUPS)) for g in range(min(m, PREFIX_GROUPS))]
-        starts = [0, *ends[:-1]]
-        last_limit = limits.amax(dim=0).cummax(dim=0).values  # robust to unsorted limits
-        groups = tuple(
-            (a * block_len, b * block_len, min(prefix_len, int(last_limit[b - 1]) + 1))
-            for a, b in zip(starts, ends, strict=True) if b > a
-        )
-        # A dense mask makes each query score the other blocks' keys too; split when that is
-        # more than half the prefix. Few blocks -> one dense kernel beats three (M = 1: 2.5x).
-        split = (m - 1) * (injected + block_len) > prefix_len / 2
+        if split is None:
+            # A dense mask makes each query score the other blocks' keys too; split when that
+            # is more than half the prefix. Few blocks: one dense kernel beats three (M=1: 2.5x).
+            split = (m - 1) * (injected + block_len) > prefix_len / 2 and limits.device.type == "cpu"
+        groups: tuple[tuple[int, int, int], ...] = ()
+        if split:  # (the group bounds read the limits: only where they are used, never on a GPU)
+            ends = [min(m, (g + 1) * -(-m // PREFIX_GROUPS)) for g in range(min(m, PREFIX_GROUPS))]
+            starts = [0, *ends[:-1]]
+            last_limit = limits.amax(dim=0).cummax(dim=0).values.tolist()  # robust to unsorted limits
+            groups = tuple(
+                (a * block_len, b * block_len, min(prefix_len, last_limit[b - 1] + 1))
+                for a, b in zip(starts, ends, strict=True) if b > a
+            )
         return cls(prefix_len, injected, m, block_len, groups, split)
 
     def block_keys(self) -> tuple[Tensor, Tensor]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.attention import attend, uniform_blocks
+from pipeline.attention.blocks import BlockLayout
 
 B, NH, HS = 2, 4, 8
 
@@ -20,7 +21,8 @@ def _pattern(prefix_len, n_blocks, block_len, injected, with_docs, seed):
         prefix_doc = torch.cumsum((torch.rand(B, prefix_len, generator=g) < 0.2).long(), dim=1)
         docs = {"prefix_doc": prefix_doc, "limit_doc": prefix_doc.gather(1, limits)}
     pattern = uniform_blocks(limits, block_len, prefix_len, injected=injected, **docs)
-    pattern.blocks = dataclasses.replace(pattern.blocks, split=True)  # also where dense is cheaper
+    # the two-part path also where one dense kernel would be cheaper
+    pattern.blocks = BlockLayout.for_limits(limits, prefix_len, injected, block_len, split=True)
     return pattern
 
 

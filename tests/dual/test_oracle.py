@@ -10,8 +10,6 @@ parameter to 1e-4. The oracle (`pipeline.dual.reference`) shares no masking code
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -85,7 +83,7 @@ def cpu_attention(request, monkeypatch):
     for_limits = blocks.BlockLayout.for_limits.__func__
 
     def forced(cls, *args, **kwargs):
-        return dataclasses.replace(for_limits(cls, *args, **kwargs), split=request.param == "split")
+        return for_limits(cls, *args, **(kwargs | {"split": request.param == "split"}))
 
     monkeypatch.setattr(blocks.BlockLayout, "for_limits", classmethod(forced))
     return request.param
