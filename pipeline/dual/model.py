@@ -79,7 +79,10 @@ class DualModel(nn.Module):
         self.coprocessor: CausalLM | None = None
         if spec.has_coprocessor:
             if coprocessor is None:
-                coprocessor = copy.deepcopy(base) if config.coprocessor_init == "base" else build_model(base.config)
+                if config.coprocessor_init == "base":
+                    coprocessor = copy.deepcopy(base)
+                else:  # a fresh init, where the Base lives and in its dtype
+                    coprocessor = build_model(base.config).to(_device(base), _param_dtype(base))
             _check_compatible(base, coprocessor)
             self.coprocessor = coprocessor
         self.soft_tokens: nn.Embedding | None = None
@@ -96,7 +99,7 @@ class DualModel(nn.Module):
                 raise PipelineError(
                     f"soft_tokens has shape {tuple(soft_tokens.shape)}, expected ({rows}, {base.config.d_model})"
                 )
-            self.soft_tokens = nn.Embedding(rows, base.config.d_model, device=_device(base))
+            self.soft_tokens = nn.Embedding(rows, base.config.d_model, device=_device(base), dtype=_param_dtype(base))
             with torch.no_grad():
                 self.soft_tokens.weight.copy_(soft_tokens[:rows])
         self._set_trainable()
@@ -344,6 +347,10 @@ def _check_compatible(base: CausalLM, cop: CausalLM) -> None:
                 f"coprocessor {field}={getattr(c, field)} differs from the base's {getattr(b, field)}; "
                 "the coprocessor reads the base cache layer by layer, so they must match"
             )
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
 
 
 def _device(module: nn.Module) -> torch.device:

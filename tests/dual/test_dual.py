@@ -196,3 +196,15 @@ def test_unknown_variant_and_bad_sites_are_clear_errors():
     dual = make("liu", n_sites=40)
     with pytest.raises(PipelineError, match="allowed augmentation sites"):
         sites_for(dual, data())
+
+
+@pytest.mark.parametrize("options", [{}, {"coprocessor_init": "scratch"}])
+def test_a_base_in_another_dtype_gets_slots_and_coprocessor_in_it(options):
+    """A Base already cast (bf16 on a GPU; float64 here) gets soft tokens and a fresh
+    Coprocessor in its dtype, so the three passes run without a dtype mismatch."""
+    torch.manual_seed(0)
+    base = build_model(preset("gpt2-tiny")).to(torch.float64)
+    dual = DualModel(base, DualConfig(variant="liu", n_latents=3, n_ahead=4, n_sites=5, **options), eos_id=EOS)
+    assert {p.dtype for p in dual.parameters()} == {torch.float64}
+    x = data()
+    assert torch.isfinite(dual(x, sites_for(dual, x)).loss)
