@@ -195,16 +195,19 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _check_lengths(pattern: AttentionPattern, q_len: int, kv_len: int) -> None:
+    if q_len != pattern.q_len or kv_len != pattern.kv_len:
+        raise PipelineError(
+            f"attention pattern is for {pattern.q_len} queries x {pattern.kv_len} keys, got {q_len} x {kv_len}"
+        )
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor:
     """Softmax attention of q `(B, nh, Q, hs)` over k, v `(B, nkv, K, hs)` under `pattern`.
 
     Grouped-query attention (nkv dividing nh) is handled here. Returns `(B, nh, Q, hs)`.
     """
-    if q.shape[2] != pattern.q_len or k.shape[2] != pattern.kv_len:
-        raise PipelineError(
-            f"attention pattern is for {pattern.q_len} queries x {pattern.kv_len} keys, "
-            f"got {q.shape[2]} x {k.shape[2]}"
-        )
+    _check_lengths(pattern, q.shape[2], k.shape[2])
     gqa = k.shape[1] != q.shape[1]
     if pattern.resolve_backend(q.device) == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -213,10 +216,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pattern: AttentionPattern) -> Tensor
         return fn(q, k, v, block_mask=pattern.block_mask(q.device), enable_gqa=gqa)
     if pattern.is_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if pattern._split(q.device):
+    if pattern._split(q.device):  # keys = [cache ; injected] then the blocks' own
         n = pattern.blocks.prefix_len + pattern.blocks.n_blocks * pattern.blocks.injected
-        return blocks_attention(q, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], pattern.blocks,
-                                *pattern.split_masks(q.device, q.dtype))
+        return attend_after_prefix(q, k[:, :, n:], v[:, :, n:], (k[:, :, :n], v[:, :, :n]), pattern)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.dense_mask(q.device), enable_gqa=gqa)
 
 
@@ -230,10 +232,6 @@ def attend_after_prefix(q: Tensor, k: Tensor, v: Tensor, prefix: tuple[Tensor, T
         return attend(q, k, v, pattern)
     k_pre, v_pre = prefix[0].to(k.dtype), prefix[1].to(v.dtype)
     if pattern._split(q.device):
-        if q.shape[2] != pattern.q_len or k_pre.shape[2] + k.shape[2] != pattern.kv_len:
-            raise PipelineError(
-                f"attention pattern is for {pattern.q_len} queries x {pattern.kv_len} keys, "
-                f"got {q.shape[2]} x {k_pre.shape[2] + k.shape[2]}"
-            )
+        _check_lengths(pattern, q.shape[2], k_pre.shape[2] + k.shape[2])
         return blocks_attention(q, k_pre, v_pre, k, v, pattern.blocks, *pattern.split_masks(q.device, q.dtype))
     return attend(q, torch.cat([k_pre, k], dim=2), torch.cat([v_pre, v], dim=2), pattern)
