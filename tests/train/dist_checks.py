@@ -23,6 +23,7 @@ VARIANT_STEPS = 30
 RESUME_N = 3
 MLFLOW_STEPS = 150
 STAGE_RUNS = {"zero1": "tiny-h2", "zero3": "tiny-liu", "zero3_cp": "tiny-continued_pretraining"}
+STAGE_CONFIGS = {"zero1": "zero1", "zero3": "zero3", "zero3_cp": "zero3"}  # run -> ds_configs/<name>.json
 
 
 def _ds(name: str = "zero2_cpu", lr: float = 1e-3, **changes) -> dict:
@@ -103,7 +104,7 @@ def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
     r["stages"] = {}
     for name, preset in STAGE_RUNS.items():
         res = train(_cfg(preset, data, out / name, f"model.path={base.export_dir}", "train.max_steps=4"),
-                    _ds(name.removesuffix("_cp")))
+                    _ds(STAGE_CONFIGS[name]))
         r["stages"][name] = {"losses": _losses(out / name), "export": str(res.export_dir)}
     # the same runs under ZeRO-2, to compare the stages' numerics
     for name in ("zero3", "zero3_cp"):
