@@ -16,6 +16,9 @@ not credited, so achieved FLOP/s says how much of the time goes to useful work,
 the same yardstick for the packed and the plain step. At small M the two extra
 passes carry few FLOPs but a full pass's per-op overhead (on a 2-core CPU, gpt2-tiny,
 ~1 ms per forward pass of 8 tokens), so the ratio grows with M and with model width.
+`--breakdown` profiles forward+backward by kind of op (matmul, attention, the
+rest) and prints each kind's time and FLOP rate, which says whether the packed
+step is slow per FLOP or just does more non-matmul work per FLOP than the plain step.
 On CUDA (bf16) attention FLOPs are torch's own formulas (dense for SDPA), and a
 second table times the decode pass (pass 3, forward + backward) with FlexAttention
 against SDPA with a dense mask at S=1024, M=64, N_L=N_A=16 (`--decode-*`), the
@@ -86,10 +89,57 @@ _ATTENTION_FLOPS = {
 
 def _count_flops(fn: Callable[[], None]) -> int:
     """Model FLOPs of one call of `fn`: matmuls + attention over visible pairs."""
+    return sum(_flops_by_kind(fn).values())
+
+
+def _kind(op_name: str) -> str:
+    """'attention' for attention kernels (and the two-part path's autograd nodes), 'matmul'
+    for the GEMMs, 'other' for the rest (norms, activations, copies, losses, dispatch)."""
+    if "attention" in op_name.lower():
+        return "attention"
+    return "matmul" if op_name.removeprefix("aten::").removeprefix("aten.") in _MATMULS else "other"
+
+
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_addmm_activation")
+KINDS = ("matmul", "attention", "other")
+
+
+def _flops_by_kind(fn: Callable[[], None]) -> dict[str, int]:
     counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     with counter:
         fn()
-    return counter.get_total_flops()
+    flops = dict.fromkeys(KINDS, 0)
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        flops[_kind(str(op))] += n
+    return flops
+
+
+def _time_by_kind(fn: Callable[[], None], steps: int) -> dict[str, float]:
+    """Seconds per call of `fn` by kind of op: the profiler's self CPU time of every op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    seconds = dict.fromkeys(KINDS, 0.0)
+    for event in prof.key_averages():
+        seconds[_kind(event.key)] += event.self_cpu_time_total / 1e6 / steps
+    return seconds
+
+
+def _breakdown(rows: list[tuple[str, Callable[[], None]]], steps: int) -> None:
+    """Where forward+backward time goes, and at what rate each kind of op does its FLOPs."""
+    print(f"\nbreakdown of forward+backward (no optimizer), profiler self CPU time over {steps} steps; "
+          "GFLOP/s = model FLOPs of that kind / its time")
+    print(f"{'step':<12}" + "".join(f"{kind + ' ms':>13} {'GFLOP/s':>8}" for kind in KINDS[:2])
+          + f"{'other ms':>10} {'share':>6} {'total ms':>9}")
+    for name, fn in rows:
+        flops, sec = _flops_by_kind(fn), _time_by_kind(fn, steps)
+        total = sum(sec.values())
+        cols = "".join(f"{sec[k] * 1e3:>13.2f} {flops[k] / sec[k] / 1e9 if sec[k] else 0:>8.1f}" for k in KINDS[:2])
+        print(f"{name:<12}{cols}{sec['other'] * 1e3:>10.2f} {sec['other'] / total:>6.0%} {total * 1e3:>9.2f}",
+              flush=True)
 
 
 def _decode_pass(dual: DualModel, x: Tensor, sites: Tensor) -> Callable[[], None]:
@@ -151,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-loop", action="store_true", help="skip the (slow) per-site loop")
     ap.add_argument("--no-optimizer", action="store_true",
                     help="time forward+backward only (h2 updates two models, the plain step one)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile forward+backward by kind of op (matmul, attention, other); CPU only")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16 and the decode table")
     ap.add_argument("--decode", action="store_true", help="print the decode-pass table on CPU too")
     ap.add_argument("--decode-backends", nargs="+", default=["flex", "sdpa"], choices=["flex", "sdpa"],
@@ -166,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.breakdown and device.type != "cpu":
+        print("error: --breakdown reads the profiler's CPU time; it is for --device cpu", file=sys.stderr)
+        return 2
     if args.decode and device.type == "cpu" and "flex" in args.decode_backends:
         print("error: FlexAttention has no backward on CPU; use --decode-backends sdpa or --device cuda",
               file=sys.stderr)
@@ -176,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           f"B={args.batch} S={args.seq} N_L={args.n_latents} N_A={args.n_ahead}")
     print(f"{'M':>4} {'packed ms':>10} {'loop ms':>10} {'speedup':>8} {'target':>7} "
           f"{'packed GFLOP/s':>15} {'plain GFLOP/s':>14} {'ratio':>6}")
+    profiled: list[tuple[str, Callable[[], None]]] = []
     for m in args.sites:
         base = build_model(cfg_model).to(device, dtype)
         dual = DualModel(base, DualConfig(variant=args.variant, n_latents=args.n_latents, n_ahead=args.n_ahead,
@@ -204,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         target = f"{m / 2:>6.1f}x" if m == 16 else f"{'-':>7}"  # the issue's target: >= M/2 at M = 16
         print(f"{m:>4} {times['packed'] * 1e3:>10.1f} {loop} {speedup} {target} "
               f"{packed_gfs:>15.2f} {plain_gfs:>14.2f} {packed_gfs / plain_gfs:>6.2f}", flush=True)
+        if args.breakdown:
+            if not profiled:
+                profiled.append(("plain", _step(list(plain_base.parameters()), plain_loss, optimizer=False)))
+            profiled.append((f"packed M={m}", _step(trainable, lambda d=dual, x=x, s=sites: d(x, s).loss, False)))
+    if profiled:
+        _breakdown(profiled, steps=max(args.rounds, 3))
     if device.type == "cuda" or args.decode:
         _decode_table(args, device, dtype)
     return 0

@@ -22,8 +22,17 @@ def test_attention_flops_count_visible_pairs_only():
     assert both == 3 * causal  # backward = twice the forward
 
 
+def test_flops_by_kind_separate_attention_from_matmuls():
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    w = torch.randn(8, 3)
+    kinds = benchmark._flops_by_kind(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True) @ w)
+    assert kinds == {"attention": 2 * (2 * 10) * (8 + 8), "matmul": 2 * (2 * 4) * 8 * 3, "other": 0}
+    assert benchmark._kind("_TwoPartAttentionBackward") == "attention"
+    assert benchmark._kind("aten::addmm") == "matmul" and benchmark._kind("aten::gelu") == "other"
+
+
 def test_benchmark_prints_every_row(capsys):
-    rc = benchmark.main(["--seq", "64", "--sites", "1", "8", "--rounds", "1", "--burst", "1",
+    rc = benchmark.main(["--seq", "64", "--sites", "1", "8", "--rounds", "1", "--burst", "1", "--breakdown",
                          "--decode", "--decode-backends", "sdpa", "--decode-seq", "64", "--decode-sites", "4",
                          "--decode-latents", "4"])
     out = capsys.readouterr().out
@@ -33,6 +42,13 @@ def test_benchmark_prints_every_row(capsys):
     for row in rows:  # M, packed ms, loop ms, speedup, target, packed GFLOP/s, plain GFLOP/s, ratio
         assert float(row[1]) > 0 and float(row[2]) > 0 and float(row[-1]) > 0
     assert "decode pass (pass 3)" in out and "sdpa" in out
+    # breakdown: step, matmul ms, GFLOP/s, attention ms, GFLOP/s, other ms, share, total ms
+    profiled = [line.split() for line in out.splitlines() if line.startswith(("plain ", "packed M="))]
+    assert [r[0] if r[0] == "plain" else r[1] for r in profiled] == ["plain", "M=1", "M=8"]
+    for row in profiled:
+        matmul_ms, attention_ms, other_ms, total_ms = (float(row[i]) for i in (-7, -5, -3, -1))
+        assert min(matmul_ms, attention_ms, other_ms) > 0 and float(row[-6]) > 0  # matmul FLOPs were counted
+        assert abs(matmul_ms + attention_ms + other_ms - total_ms) < 0.02
 
 
 def test_flex_decode_on_cpu_is_refused(capsys):
