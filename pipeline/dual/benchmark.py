@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.dual.config import DualConfig
-from pipeline.dual.model import DualModel
+from pipeline.dual.model import DualModel, site_targets
 from pipeline.dual.reference import naive_loss
 from pipeline.models import build_model, preset
 from pipeline.models.benchmark import time_interleaved
@@ -150,7 +150,7 @@ def _decode_pass(dual: DualModel, x: Tensor, sites: Tensor) -> Callable[[], None
     if latents is not None:
         latents.requires_grad_(True)
     n_ahead = dual.config.n_ahead
-    targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=x.device)).flatten(1))
+    targets = site_targets(x, sites, n_ahead)
 
     def step() -> None:
         logits = dual.decode_logits(x, sites, n_ahead, out.kv, latents, extra_kv)

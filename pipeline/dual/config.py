@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pipeline.attention import BACKENDS, Backend
 from pipeline.dual.variants import Variant, get_variant
 from pipeline.errors import PipelineError
 
@@ -43,7 +44,7 @@ class DualConfig:
     """Attention stays inside EOS-delimited documents (all three passes)."""
     document_aware_sites: bool = False
     """Refuse sites whose ahead tokens run into the next document."""
-    attention_backend: Literal["auto", "flex", "sdpa"] = "auto"
+    attention_backend: Backend = "auto"
     """Attention of the site passes: auto = FlexAttention on CUDA, SDPA on CPU; force one
     to compare them (`benchmark.py dual --device cuda` does) or to debug."""
 
@@ -52,8 +53,8 @@ class DualConfig:
         for name in ("n_latents", "n_ahead", "n_sites"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"dual.{name} must be >= 1, got {getattr(self, name)}")
-        if self.attention_backend not in ("auto", "flex", "sdpa"):
-            raise PipelineError(f"dual.attention_backend must be auto, flex or sdpa, got {self.attention_backend!r}")
+        if self.attention_backend not in BACKENDS:
+            raise PipelineError(f"dual.attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.coprocessor_adapter == "lora" and self.lora_rank < 1:
             raise PipelineError(f"dual.lora_rank must be >= 1, got {self.lora_rank}")
         if self.orthogonality_weight < 0 or self.lm_loss_weight < 0:

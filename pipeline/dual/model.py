@@ -197,8 +197,8 @@ class DualModel(nn.Module):
         """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; and the slot latents."""
         logits, latents = self.site_logits(input_ids, sites, n_ahead, cache, base_hidden, docs)
         B, M = sites.shape
-        targets = input_ids.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_ahead, device=sites.device)).flatten(1))
-        nll = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+        nll = F.cross_entropy(logits.float().flatten(0, 2), site_targets(input_ids, sites, n_ahead).flatten(),
+                              reduction="none")
         return nll.view(B, M, n_ahead), latents
 
     def slot_contents(
@@ -308,6 +308,12 @@ class DualModel(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def site_targets(input_ids: Tensor, sites: Tensor, n_ahead: int) -> Tensor:
+    """`(B, M*n_ahead)` targets x[p_m + k], k = 1..n_ahead, site-major."""
+    ahead = 1 + torch.arange(n_ahead, device=sites.device)
+    return input_ids.gather(1, (sites.unsqueeze(-1) + ahead).flatten(1))
+
+
 def orthogonality_penalty(latents: Tensor) -> Tensor:
     """mean over sites of ||ẑ ẑᵀ − I||²_F, ẑ the row-normalised `(..., N_L, d)` latents."""
     z = F.normalize(latents.float(), dim=-1)
