@@ -10,8 +10,9 @@ One step = the variant's loss, backward, AdamW on its trainable parameters
 reference (`pipeline.dual.reference`, one site at a time); "plain" is a causal-LM
 step of the same Base on the same batch. FLOPs are model FLOPs, counted by
 torch's FlopCounterMode on the step actually run: every matmul, plus attention
-over the query-key pairs the mask lets through (2 x 2 x head_dim per pair
-forward, twice that backward). Pairs a kernel computes only to mask them out are
+over the query-key pairs the mask lets through at `pipeline.flops`' per-pair cost
+(2 x 2 x head_dim per pair forward, twice that backward), the convention the
+trainer and the model benchmark use. Pairs a kernel computes only to mask them out are
 not credited, so achieved FLOP/s says how much of the time goes to useful work,
 the same yardstick for the packed and the plain step. At small M the two extra
 passes carry few FLOPs but a full pass's per-op overhead (on a 2-core CPU, gpt2-tiny,
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.dual.config import DualConfig
 from pipeline.dual.model import DualModel, site_targets
 from pipeline.dual.reference import naive_loss
+from pipeline.flops import ATTENTION_BACKWARD_FACTOR, attention_pair_flops
 from pipeline.models import build_model, preset
 from pipeline.models.benchmark import time_interleaved
 
@@ -71,12 +73,15 @@ def _visible_pairs(q: Tensor, k: Tensor, is_causal: bool, attn_mask: Tensor | No
 
 def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
                          out_val=None) -> int:
-    return 2 * _visible_pairs(query, key, is_causal, attn_mask) * (query.shape[-1] + value.shape[-1])
+    """Forward model FLOPs of one SDPA call: `pipeline.flops`' per-pair cost x visible pairs."""
+    pairs = _visible_pairs(query, key, is_causal, attn_mask)
+    return pairs * attention_pair_flops(query.shape[-1], value.shape[-1])
 
 
 def _cpu_attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *,
                                   attn_mask=None, scale=None, out_val=None) -> int:
-    return 2 * _cpu_attention_flops(query, key, value, is_causal=is_causal, attn_mask=attn_mask)
+    forward = _cpu_attention_flops(query, key, value, is_causal=is_causal, attn_mask=attn_mask)
+    return ATTENTION_BACKWARD_FACTOR * forward
 
 
 _cpu_attention_flops._get_raw = True  # FlopCounterMode: pass tensors, not shapes (the mask is needed)

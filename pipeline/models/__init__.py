@@ -10,8 +10,9 @@
 from pipeline.models.base import CausalLM, ModelOutput
 from pipeline.models.config import PRESETS, ModelConfig, preset
 from pipeline.models.generate import generate
-from pipeline.models.hf import build_model, from_pretrained, load_weights, save_pretrained
+from pipeline.models.hf import load_weights, save_pretrained
 from pipeline.models.layers import KV
+from pipeline.models.registry import build_model, from_pretrained
 
 __all__ = [
     "KV",

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.attention import AttentionPattern, causal
 from pipeline.errors import PipelineError
+from pipeline.models import hf
 from pipeline.models.config import ModelConfig
 from pipeline.models.layers import KV
 
@@ -151,6 +152,4 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
         """Write a Hugging Face directory (config.json + model.safetensors) that transformers loads."""
-        from pipeline.models.hf import save_pretrained
-
-        save_pretrained(self, path, dtype=dtype)
+        hf.save_pretrained(self, path, dtype=dtype)

@@ -5,24 +5,26 @@ A directory holds `config.json` and either `model.safetensors` or shards listed 
 differences handled here: GPT-2's Conv1D matrices are stored `(in, out)` by HF
 and `(out, in)` by us, and a tied head is not written (HF re-ties it on load).
 Pickled checkpoints (`pytorch_model.bin`) are never read.
+
+This module knows no model class: a model here is any `torch.nn.Module` that
+carries `.config: ModelConfig` and `.tie_weights()` (every `CausalLM` does).
+Choosing the class for a config, and so `from_pretrained`, live in
+`pipeline.models.registry`, which keeps the imports one-way
+(registry -> families -> base -> hf).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.models.base import CausalLM
-from pipeline.models.config import ModelConfig
-
-log = logging.getLogger(__name__)
+from pipeline.models.config import HF_TYPES, ModelConfig
 
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 """GPT-2 matrices HF keeps as Conv1D `(in, out)`."""
@@ -30,15 +32,8 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 """Buffers some old checkpoints carry; they hold no weights."""
 
 
-def build_model(config: ModelConfig) -> CausalLM:
-    """A freshly initialised model of `config.family`."""
-    from pipeline.models.gpt2 import GPT2LM
-    from pipeline.models.llama import LlamaLM
-
-    return {"gpt2": GPT2LM, "llama": LlamaLM}[config.family](config)
-
-
 def read_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint directory, from its config.json."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise PipelineError(f"{path}: no config.json; expected a Hugging Face model directory")
@@ -85,20 +80,18 @@ def _to_ours(config: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def load_weights(model: CausalLM, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Copy a checkpoint directory's tensors into `model`, checking names, shapes and family."""
     path = Path(path)
     if (path / "config.json").is_file():
         theirs = json.loads((path / "config.json").read_text()).get("model_type")
         ours = model.config.family
-        from pipeline.models.config import HF_TYPES
-
         if HF_TYPES.get(theirs) != ours:
             raise PipelineError(f"{path}: checkpoint model_type {theirs!r} does not fit a {ours} model")
     load_state(model, _to_ours(model.config, read_safetensors(path)), where=str(path))
 
 
-def load_state(model: CausalLM, tensors: dict[str, Tensor], *, where: str = "checkpoint") -> None:
+def load_state(model: nn.Module, tensors: dict[str, Tensor], *, where: str = "checkpoint") -> None:
     """Strictly copy `tensors` (our names) into `model`; any mismatch names the tensor."""
     expected = model.state_dict()
     tied = model.config.tie_word_embeddings
@@ -136,22 +129,7 @@ def load_state(model: CausalLM, tensors: dict[str, Tensor], *, where: str = "che
     model.tie_weights()
 
 
-def from_pretrained(
-    path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> CausalLM:
-    """Load a `transformers` checkpoint directory of either family (GPT-2, Llama, Qwen2, Qwen3)."""
-    config = read_config(path)
-    with torch.device("meta"):
-        model = build_model(config)  # no init work: every tensor is overwritten below
-    model.to_empty(device=device)
-    model.tie_weights()
-    load_weights(model, path)
-    log.info("loaded %s (%s, %.1fM params) from %s", config.hf_model_type, config.family,
-             model.num_params() / 1e6, path)
-    return model.to(dtype)
-
-
-def save_pretrained(model: CausalLM, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
     """Write config.json + model.safetensors in the HF layout (loadable by transformers)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

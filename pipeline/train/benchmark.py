@@ -6,9 +6,9 @@
 
 Each variant trains `--steps` optimizer steps through the real loop (`trainer.train`,
 DeepSpeed engine, packed data, site sampling); the figures are medians over the
-steps after `--warmup`. FLOPs are the trainer's estimate (6 x matmul parameters x
-tokens through them, all passes), so dual variants count their slots and ahead
-tokens; "tokens" in tokens/s are the packed sequence tokens. MFU needs a peak:
+steps after `--warmup`. FLOPs are the task's model-FLOP count (`pipeline.flops`:
+matmuls plus attention over visible pairs, every pass, backward only where it
+runs), so dual variants count their slots and ahead tokens; "tokens" in tokens/s are the packed sequence tokens. MFU needs a peak:
 the GPU's bf16 table entry, or `--peak-tflops` (no reliable CPU peak exists, so
 CPU MFU is printed only when you give one). Data: any data-prep directory whose
 vocabulary fits the model (default: the quickstart's, `runs/default/data`).
@@ -29,6 +29,7 @@ VARIANTS = ["continued_pretraining", "liu", "h1", "h2", "soft_embedding", "pause
 def _job(preset: str, data: str, ds_path: str, out: str, steps: int, warmup: int, variants: list[str],
          overrides: list[str]) -> list[dict]:
     from pipeline.train.config import load_config
+    from pipeline.train.dual_task import DualPretraining
     from pipeline.train.trainer import train
 
     ds = json.loads(Path(ds_path).read_text())
@@ -39,7 +40,7 @@ def _job(preset: str, data: str, ds_path: str, out: str, steps: int, warmup: int
                                    f"dual.variant={variant}", "train.eval_every=0", "train.eval_sequences=1",
                                    "train.export=false", "tracking.enabled=false", "dual.orthogonality_weight=0",
                                    *overrides])
-        result = train(cfg, ds)
+        result = train(DualPretraining(cfg), ds)
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
             if (run / "metrics.jsonl").is_file() else []
         timed = [m for m in metrics if "tokens_per_s" in m][warmup:]

@@ -17,6 +17,7 @@ import yaml
 from pipeline.config import apply_overrides, from_dict
 from pipeline.dual.config import DualConfig
 from pipeline.errors import PipelineError
+from pipeline.models.config import ModelConfig, preset
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 
@@ -31,6 +32,23 @@ class ModelSection:
     """ModelConfig fields to change in the preset (vocab_size defaults to the data's)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
+
+    def __post_init__(self) -> None:
+        """Checked here, at config load: before any process group or DeepSpeed start, and
+        under `--dry-run`, a wrong key names itself instead of failing deep in a build."""
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise PipelineError(f"model.overrides.{unknown[0]}: not a model config field; known fields: "
+                                f"{', '.join(sorted(known))}")
+        if self.path and self.overrides:
+            raise PipelineError(f"model.overrides ({', '.join(sorted(self.overrides))}) change a preset, but "
+                                f"model.path={self.path} loads a checkpoint whose config.json decides; drop one")
+        if not self.path:
+            try:
+                preset(self.preset, **self.overrides)  # the preset exists and the changed config is valid
+            except PipelineError as exc:
+                raise PipelineError(f"model: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -50,7 +68,8 @@ class TrainSection:
     output_dir: str = "runs/train"
     """Checkpoints, metrics.jsonl and the export go here."""
     log_every: int = 10
-    """Log metrics every this many steps (all steps go to metrics.jsonl)."""
+    """Debug-log a step line every this many steps (every step goes to metrics.jsonl, MLflow
+    and the launcher's progress display)."""
     eval_every: int = 50
     """Validation loss every this many steps (0 = only at the end)."""
     eval_sequences: int = 16

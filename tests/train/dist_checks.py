@@ -58,8 +58,15 @@ def _error(fn) -> str | None:
     return None
 
 
+def train(cfg, ds: dict, **kwargs):
+    """The loop over the dual-pretraining task, as the launcher runs it."""
+    from pipeline.train.dual_task import DualPretraining
+    from pipeline.train.trainer import train as run
+
+    return run(DualPretraining(cfg), ds, **kwargs)
+
+
 def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
-    from pipeline.train.trainer import train
 
     rank = torch.distributed.get_rank()
     r: dict = {}
@@ -77,10 +84,14 @@ def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
         "batch": _error(lambda: train(_cfg("tiny-liu", data, out / "e1"), _ds(train_batch_size=3))),
         "vocab": _error(lambda: train(_cfg("tiny-liu", data, out / "e2", "model.overrides.vocab_size=100"), _ds())),
         "shards": _error(lambda: train(_cfg("tiny-liu", out / "nowhere", out / "e3"), _ds())),
-        "bf16": _error(lambda: train(_cfg("tiny-liu", data, out / "e4"), _ds("zero2", bf16={"enabled": True}))),
         "seq_len": _error(lambda: train(_cfg("tiny-liu", data, out / "e5", "data.seq_len=4096"), _ds())),
     }
-    r["errors_trained"] = [bool(_metrics(out / f"e{i}")) for i in range(1, 7)]
+    r["errors_trained"] = [bool(_metrics(out / f"e{i}")) for i in (1, 2, 3, 5, 6)]
+
+    # ---- the GPU config as users type it (bf16, DeepSpeed's Adam) runs on CPU in fp32
+    gpu_ds = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json").read_text())
+    train(_cfg("tiny-liu", data, out / "gpu_config", "train.max_steps=2", "train.export=false"), gpu_ds)
+    r["gpu_config_losses"] = _losses(out / "gpu_config")
 
     # ---- a Base first: the frozen-Base variants mean nothing on a random one
     base = train(_cfg("tiny-continued_pretraining", data, out / "base", f"train.max_steps={BASE_STEPS}"), _ds())
@@ -98,6 +109,9 @@ def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
         if rank == 0:
             row["reference"] = _reference_outputs(res.model, x)
         r["variants"][variant] = row
+
+    # ---- a checkpoint exports anywhere: run dir moved, data dir deleted; a changed frozen Base is refused
+    r["portable"] = _portable_export(data, out, Path(base.export_dir), rank)
 
     # ---- ZeRO-1 and ZeRO-3 (a dual variant with slots, and continued_pretraining), exported from
     # their checkpoints
@@ -146,6 +160,39 @@ def all_checks(data: Path, out: Path, mlflow_uri: str) -> dict:
                    "steps": [m["step"] for m in _metrics(out / "mlflow") if "loss" in m]}
     r["seconds"] = time.perf_counter() - t0
     return r
+
+
+def _portable_export(data: Path, out: Path, base_export: Path, rank: int) -> dict:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.train.export import export_checkpoint
+
+    data_copy, base_copy = out / "data_copy", out / "base_copy"
+    if rank == 0:
+        shutil.copytree(data, data_copy)
+        shutil.copytree(base_export, base_copy)
+    torch.distributed.barrier()
+    train(_cfg("tiny-liu", data_copy, out / "portable", f"model.path={base_copy}", "train.max_steps=3"), _ds())
+    result: dict = {}
+    if rank == 0:
+        moved = out / "moved" / "portable"
+        moved.parent.mkdir()
+        shutil.move(out / "portable", moved)
+        shutil.rmtree(data_copy)
+        tag = moved / "checkpoints" / "step3"
+        result["export"] = str(export_checkpoint(tag, out / "portable_export"))
+        result["original"] = str(moved / "export")
+        weights = base_copy / "base" / "model.safetensors"
+        tensors = load_file(weights)
+        name = next(iter(tensors))
+        tensors[name] = tensors[name] + 1e-3
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+        result["changed_base"] = _error(lambda: export_checkpoint(tag, out / "portable_export2"))
+        result["changed_base_exported"] = (out / "portable_export2").exists()
+    torch.distributed.barrier()
+    return result
 
 
 def _val_batch(data: Path):

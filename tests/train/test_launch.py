@@ -62,12 +62,24 @@ def test_dry_run_prints_resolved_configs(capsys):
     (["--config", "no-such-preset"], "presets:"),
     (["--config", "tiny-liu", "dual.variant=nope"], "nope"),
     (["--config", "tiny-liu", "train.nan_policy=ignore"], "train.nan_policy"),
+    (["--config", "tiny-liu", "model.overrides.n_layr=3"], "model.overrides.n_layr"),
+    (["model.overrides.n_layr=3"], "model.overrides.n_layr"),  # the default recipe's overrides too
 ])
 def test_config_errors_exit_2_with_a_message(capsys, argv, words):
     rc = pretrain.main(["--ds_config", str(ROOT / "ds_configs/zero2_cpu.json"), *argv, "--dry-run"])
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err
+
+
+@pytest.mark.parametrize("argv", [["--config", "tiny-liu"], []])
+def test_unknown_model_override_fails_before_any_distributed_start(capsys, argv):
+    import torch.distributed
+
+    rc = pretrain.main(["--ds_config", str(ROOT / "ds_configs/zero2_cpu.json"), *argv, "data.path=x",
+                        "model.overrides.n_layr=3"])
+    assert rc == 2 and "model.overrides.n_layr" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
 
 
 def test_export_cli_errors(tmp_path, capsys):

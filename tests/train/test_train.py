@@ -89,7 +89,6 @@ def checks(tmp_path_factory, corpus_dir):
     ("batch", "train_batch_size=3"),
     ("vocab", "vocabulary"),
     ("shards", "manifest"),
-    ("bf16", "zero2_cpu.json"),
     ("seq_len", "max_position_embeddings"),
     ("tokenizer", "different tokenizer"),
 ])
@@ -97,7 +96,12 @@ def test_misconfiguration_fails_clearly_before_training(checks, case, words):
     message = checks["rank0"]["errors"][case]
     assert message is not None, f"{case}: no error"
     assert words in message
-    assert checks["rank0"]["errors_trained"] == [False] * 6
+    assert checks["rank0"]["errors_trained"] == [False] * 5
+
+
+def test_the_gpu_ds_config_runs_on_cpu_in_fp32(checks):
+    losses = checks["rank0"]["gpu_config_losses"]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
 
 
 def test_unknown_config_key_names_the_dotted_key():
@@ -192,6 +196,22 @@ def test_exported_per_site_scores_equal_the_training_model(checks, variant):
                                    atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(dual.score_sites(x, sites, k=4, augment=False),
                                    torch.from_numpy(ref["scores_base"]), atol=1e-4, rtol=1e-4)
+
+
+def test_export_needs_no_data_dir_and_refuses_a_changed_frozen_base(checks):
+    """The run directory moved and the data directory deleted: export from the checkpoint alone
+    gives the model the run exported; after one weight of the frozen Base changes, it refuses."""
+    from pipeline.dual import load_dual
+
+    r = checks["rank0"]["portable"]
+    x = torch.from_numpy(dist_checks._val_batch(checks["data"]))
+    a, b = load_dual(r["export"]).eval(), load_dual(r["original"]).eval()
+    sites = a.sample_sites(x, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(a.base(x).logits, b.base(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(a.score_sites(x, sites, k=4), b.score_sites(x, sites, k=4), rtol=0, atol=0)
+    assert r["changed_base"] is not None and "changed since training" in r["changed_base"]
+    assert not r["changed_base_exported"]
 
 
 def test_continued_pretraining_exports_a_plain_hf_model(checks):

@@ -10,20 +10,31 @@
 4. evaluation: ppl of the k-th token after augmentation vs the Base alone on the
    held-out shards, printed whichever way it goes.
 
-Each stage is resumable (`--resume auto` semantics) and reuses finished work.
+Each stage is resumable (`--resume auto` semantics) and reuses finished work. It sits
+above the stages (data -> train -> eval), so `pipeline/train` never imports `eval`.
+It logs and returns; the launcher prints the result and shows progress.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.build import BuildOptions, build
+from pipeline.data.readers import Reader, resolve_inputs
+from pipeline.data.shards import MANIFEST
+from pipeline.data.tokenizer import train_sentencepiece
+from pipeline.eval.ppl import PplConfig, markdown_table
+from pipeline.eval.runner import load_models, run_ppl_at_k
 from pipeline.train.config import load_config
+from pipeline.train.dual_task import DualPretraining
 from pipeline.train.tracking import log_artifacts_to_run
-from pipeline.train.trainer import train
+from pipeline.train.trainer import StepCallback, train
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +47,6 @@ VOCAB = 4000
 
 def prepare_data(root: Path) -> Path:
     """Tokenizer + shards from builtin:pydocs under `root` (reused when complete)."""
-    from pipeline.data.build import BuildOptions, build
-    from pipeline.data.readers import Reader, resolve_inputs
-    from pipeline.data.shards import MANIFEST
-    from pipeline.data.tokenizer import train_sentencepiece
-
     data, tok = root / "data", root / "tokenizer" / "spm"
     if (data / MANIFEST).is_file():
         return data
@@ -52,7 +58,18 @@ def prepare_data(root: Path) -> Path:
     return data
 
 
-def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", overrides: list[str] = ()) -> Path:
+@dataclasses.dataclass
+class RecipeResult:
+    export: Path
+    """The liu export directory."""
+    table: str | None
+    """ppl-at-k of the export against its Base alone (markdown; rank 0 only)."""
+    n_sites: int = 0
+
+
+def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", overrides: list[str] = (),
+                progress: Callable[[str, int], StepCallback | None] | None = None) -> RecipeResult:
+    """The main job. `progress(stage, max_steps)` may return a per-step callback for a stage."""
     import deepspeed
     import deepspeed.comm as dist
     import torch
@@ -75,7 +92,8 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     base = root / "base" / "export"
     if not (base / "pipeline.json").is_file():
         log.info("stage 1/3: pretraining the tiny Base on builtin:pydocs")
-        base = train(base_cfg, ds_config, resume="auto").export_dir
+        base = train(DualPretraining(base_cfg), ds_config, resume="auto",
+                     on_step=progress and progress("base", BASE_STEPS)).export_dir
     dual_cfg = load_config("tiny-liu", [
         f"data.path={data}", f"model.path={base.resolve()}", f"train.output_dir={root / 'liu'}",
         f"train.max_steps={DUAL_STEPS}", "train.eval_every=200", "tracking.run_name=default-liu",
@@ -85,24 +103,22 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     export, tracking = root / "liu" / "export", None
     if not (export / "pipeline.json").is_file():
         log.info("stage 2/3: training the liu Coprocessor on the frozen Base")
-        result = train(dual_cfg, ds_config, resume="auto")
+        result = train(DualPretraining(dual_cfg), ds_config, resume="auto",
+                       on_step=progress and progress("liu", DUAL_STEPS))
         export, tracking = result.export_dir, result.tracking
+    result = RecipeResult(export=export, table=None)
     if dist.get_rank() == 0:
         log.info("stage 3/3: evaluating ppl of the k-th token after augmentation")
-        summarize(export, root / "eval")
+        result.table, result.n_sites = summarize(export, root / "eval")
         if tracking:
             log_artifacts_to_run(*tracking, sorted((root / "eval").glob("ppl_at_k.*")))
     dist.barrier()
-    return export
+    return result
 
 
-def summarize(export: Path, out: Path) -> str:
-    """ppl-at-k of the dual export against its Base alone, on the held-out shards."""
-    from pipeline.eval.ppl import PplConfig, markdown_table
-    from pipeline.eval.runner import load_models, run_ppl_at_k
-
+def summarize(export: Path, out: Path) -> tuple[str, int]:
+    """ppl-at-k of the dual export against its Base alone, on the held-out shards:
+    (markdown table, number of sites)."""
     results = run_ppl_at_k(load_models([str(export)], device="cpu"), out=out,
                            cfg=PplConfig(k=8, sites_per_doc=8, seed=0))
-    table = markdown_table(results)
-    print(f"\nppl of the k-th token after augmentation ({results['n_sites']} held-out sites):\n{table}")
-    return table
+    return markdown_table(results), results["n_sites"]
