@@ -57,13 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         import torch
-        from tqdm import tqdm
 
         from pipeline.eval import runner
         from pipeline.eval.ppl import PplConfig
+        from pipeline.progress import Progress
 
-        def bar(total: int, desc: str) -> tqdm:
-            return tqdm(total=total, desc=desc, unit="site" if args.cmd == "ppl-at-k" else "req")
+        unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions"}[args.cmd]
+
+        def bar(total: int, desc: str) -> Progress:  # the runner updates it and closes it
+            return Progress(total, f"{desc} ({unit})")
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         models = runner.load_models(args.model, device=device, dtype=args.dtype)

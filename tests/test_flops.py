@@ -58,7 +58,6 @@ def test_mfu_and_peak(monkeypatch):
     assert flops.peak_tflops(torch.device("cuda")) == flops.PEAK_BF16_TFLOPS["H200"] == 989.0
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
     assert flops.peak_tflops(torch.device("cuda")) is None
-    assert model_benchmark.PEAK_BF16_TFLOPS is flops.PEAK_BF16_TFLOPS  # old import path still works
 
 
 def test_dual_benchmark_counts_attention_like_pipeline_flops():

@@ -196,10 +196,7 @@ class DualModel(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; and the slot latents."""
         logits, latents = self.site_logits(input_ids, sites, n_ahead, cache, base_hidden, docs)
-        B, M = sites.shape
-        nll = F.cross_entropy(logits.float().flatten(0, 2), site_targets(input_ids, sites, n_ahead).flatten(),
-                              reduction="none")
-        return nll.view(B, M, n_ahead), latents
+        return _site_nll(logits, site_targets(input_ids, sites, n_ahead)), latents
 
     def slot_contents(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None = None
@@ -218,10 +215,7 @@ class DualModel(nn.Module):
         docs: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Passes 2 and 3: logits `(B, M, n_ahead, V)` predicting x[p_m + k], k = 1..n_ahead."""
-        if int(sites.max()) + n_ahead >= input_ids.shape[1]:
-            raise PipelineError(
-                f"a site at {int(sites.max())} has targets past the sequence end ({input_ids.shape[1]})"
-            )
+        _check_targets_fit(input_ids, sites, n_ahead)
         latents, extra_kv = self.slot_contents(sites, cache, base_hidden, docs)
         return self.decode_logits(input_ids, sites, n_ahead, cache, latents, extra_kv, docs), latents
 
@@ -283,28 +277,34 @@ class DualModel(nn.Module):
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score_sites(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True) -> Tensor:
-        """NLL `(B, M, k)` of the j-th token after each site, j = 1..k (k may exceed N_A).
+    def score_sites(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True,
+                    greedy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """NLL `(B, M, k)` (fp32) of the j-th token after each site, j = 1..k (k may exceed N_A).
 
         `augment=False` scores the same targets with the Base alone (no slots), the
-        baseline every augmentation is compared against.
+        baseline every augmentation is compared against. `greedy=True` returns
+        `(nll, is_greedy)`, is_greedy `(B, M, k)` telling whether each target is the
+        argmax of its logits (lm-eval's `is_greedy`).
         """
-        cfg, spec = self.config, self.config.spec
+        cfg = self.config
+        _check_targets_fit(input_ids, sites, k)
         docs = doc_ids_from_eos(input_ids, self.eos_id) if cfg.document_mask else None
-        augment = augment and spec.augments
+        augment = augment and cfg.spec.augments
         base_out = self.base(
-            input_ids, attention=_causal_pattern(input_ids, docs), return_kv=augment, return_logits=not augment,
+            input_ids, attention=_causal_pattern(input_ids, docs), return_kv=augment, return_logits=False,
         )
-        if augment:
-            return self._augmented_nll(input_ids, sites, k, base_out.kv, base_out.hidden_states, docs)[0]
-        logp = base_out.logits.float().log_softmax(-1)
-        pos = sites.unsqueeze(-1) + torch.arange(k, device=sites.device)  # predicting x[pos + 1]
-        if int(pos.max()) + 1 >= input_ids.shape[1]:
-            raise PipelineError("a site's targets run past the end of the sequence")
-        tgt = input_ids.gather(1, (pos + 1).flatten(1)).view_as(pos)
-        B, M = sites.shape
-        rows = torch.arange(B, device=sites.device).view(B, 1, 1).expand_as(pos)
-        return -logp[rows, pos, tgt]
+        if augment:  # passes 2 and 3
+            logits = self.site_logits(input_ids, sites, k, base_out.kv, base_out.hidden_states, docs)[0]
+        else:  # the Base's outputs at p .. p+k-1 predict x[p+1 .. p+k]: only those rows get the head
+            h = base_out.hidden_states  # (B, S, d)
+            pos = sites.unsqueeze(-1) + torch.arange(k, device=sites.device)  # (B, M, k)
+            rows = h.gather(1, pos.flatten(1).unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, M*k, d)
+            logits = self.base.lm_head(rows).view(*pos.shape, -1)  # (B, M, k, V)
+        targets = site_targets(input_ids, sites, k)
+        nll = _site_nll(logits, targets)
+        if not greedy:
+            return nll
+        return nll, logits.argmax(-1) == targets.view_as(nll)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -312,6 +312,20 @@ def site_targets(input_ids: Tensor, sites: Tensor, n_ahead: int) -> Tensor:
     """`(B, M*n_ahead)` targets x[p_m + k], k = 1..n_ahead, site-major."""
     ahead = 1 + torch.arange(n_ahead, device=sites.device)
     return input_ids.gather(1, (sites.unsqueeze(-1) + ahead).flatten(1))
+
+
+def _site_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-target NLL `(B, M, k)` in fp32 from logits `(B, M, k, V)` and `site_targets`:
+    the one place the training loss and the scorer (both paths) turn logits into NLL."""
+    nll = F.cross_entropy(logits.float().flatten(0, 2), targets.flatten(), reduction="none")
+    return nll.view(logits.shape[:-1])
+
+
+def _check_targets_fit(input_ids: Tensor, sites: Tensor, n_ahead: int) -> None:
+    if int(sites.max()) + n_ahead >= input_ids.shape[1]:
+        raise PipelineError(
+            f"a site at {int(sites.max())} has targets past the sequence end ({input_ids.shape[1]})"
+        )
 
 
 def orthogonality_penalty(latents: Tensor) -> Tensor:

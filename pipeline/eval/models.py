@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.attention import causal, doc_ids_from_eos, document_causal
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.dual import DualConfig, DualModel, augment_and_generate, load_dual, read_pipeline_json
 from pipeline.dual.sites import last_allowed_site
@@ -82,38 +80,15 @@ class EvalModel:
         }
 
     # ------------------------------------------------------------------ scoring
-    @torch.no_grad()
     def score_sites(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True) -> Tensor:
-        """NLL `(B, M, k)` of x[p+1 .. p+k] per site (the dual model's own scorer)."""
-        return self.dual.score_sites(input_ids.to(self.device), sites.to(self.device), k,
-                                     augment=augment and self.augments).float()
+        """NLL `(B, M, k)` of x[p+1 .. p+k] per site (`DualModel.score_sites`)."""
+        return self.dual.score_sites(input_ids.to(self.device), sites.to(self.device), k, augment=augment)
 
-    @torch.no_grad()
     def site_logprobs(self, input_ids: Tensor, sites: Tensor, k: int, *, augment: bool = True
                       ) -> tuple[Tensor, Tensor]:
-        """`score_sites` plus whether each target is the argmax (lm-eval's `is_greedy`).
-
-        Same computation as `DualModel.score_sites`, keeping the logits for the argmax.
-        """
-        dual = self.dual
-        ids, sites = input_ids.to(self.device), sites.to(self.device)
-        docs = doc_ids_from_eos(ids, dual.eos_id) if dual.config.document_mask else None
-        pattern = causal(ids.shape[1]) if docs is None else document_causal(docs)
-        pos = sites.unsqueeze(-1) + torch.arange(k, device=ids.device)  # (B, M, k) predicting x[pos + 1]
-        if int(pos.max()) + 1 >= ids.shape[1]:
-            raise PipelineError("a site's targets run past the end of the sequence")
-        targets = ids.gather(1, (pos + 1).flatten(1)).view_as(pos)
-        if augment and self.augments:
-            out = dual.base(ids, attention=pattern, return_kv=True, return_logits=False)
-            logits, _ = dual.site_logits(ids, sites, k, out.kv, out.hidden_states, docs)  # (B, M, k, V)
-        else:
-            all_logits = dual.base(ids, attention=pattern).logits  # (B, S, V)
-            rows = torch.arange(ids.shape[0], device=ids.device).view(-1, 1, 1).expand_as(pos)
-            logits = all_logits[rows, pos]
-        logits = logits.float()
-        nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view_as(pos)
-        greedy = logits.argmax(-1) == targets
-        return nll, greedy
+        """`score_sites` plus whether each target is the argmax (lm-eval's `is_greedy`)."""
+        return self.dual.score_sites(input_ids.to(self.device), sites.to(self.device), k, augment=augment,
+                                     greedy=True)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, *, max_new_tokens: int, eos_token_id: int | None) -> Tensor:

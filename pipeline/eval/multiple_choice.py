@@ -185,11 +185,12 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 def score_requests(model: EvalModel, requests: list[tuple[list[int], list[int]]], *,
                    batch_size: int = 16, pad_id: int = 0,
-                   progress: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of each continuation after its context.
 
     The context is cut from the left where the model's positions require (as lm-eval
     truncates); rows are sorted by length and right-padded (all passes are causal).
+    `progress(done, total)` is called after each batch with the number of requests scored.
     """
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     prepared = []
@@ -203,6 +204,7 @@ def score_requests(model: EvalModel, requests: list[tuple[list[int], list[int]]]
         ctx = ctx[-keep:]
         prepared.append((i, ctx, cont))
     prepared.sort(key=lambda r: -(len(r[1]) + len(r[2])))
+    done = 0
     for batch in _batches(model, prepared, batch_size):
         k = max(len(c) for _, _, c in batch)
         seq = max(len(x) for _, x, _ in batch) + k
@@ -215,8 +217,9 @@ def score_requests(model: EvalModel, requests: list[tuple[list[int], list[int]]]
         for j, (i, _, cont) in enumerate(batch):
             n = len(cont)
             out[i] = (-float(nll[j, 0, :n].double().sum()), bool(greedy[j, 0, :n].all()))
+        done += len(batch)
         if progress is not None:
-            progress(len(batch))
+            progress(done, len(requests))
     return out  # type: ignore[return-value]
 
 
@@ -237,8 +240,11 @@ def _batches(model: EvalModel, prepared: list, batch_size: int) -> list[list]:
 
 
 def evaluate_docs(model: EvalModel, tok: Tokenizer, docs: list[MCDoc], *, batch_size: int = 16,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """acc, acc_norm (where defined) and their standard errors over `docs`."""
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """acc, acc_norm (where defined) and their standard errors over `docs`.
+
+    `progress(done, total)` counts requests (one per choice), as `score_requests`.
+    """
     requests, owner = [], []
     for q, doc in enumerate(docs):
         for ctx, cont in zip(doc.contexts, doc.continuations, strict=True):

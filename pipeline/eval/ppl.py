@@ -118,9 +118,12 @@ def _rows(plan: SitePlan, per_row: int) -> list[np.ndarray]:
 
 
 def score_plan(model: EvalModel, docs: list[np.ndarray], plan: SitePlan, cfg: PplConfig, *,
-               augment: bool, pad_id: int = 0, progress: Callable[[int], None] | None = None
+               augment: bool, pad_id: int = 0, progress: Callable[[int, int], None] | None = None
                ) -> np.ndarray:
-    """NLL `(N, K)` of the k-th token after each planned site."""
+    """NLL `(N, K)` of the k-th token after each planned site.
+
+    `progress(done, total)` is called after each batch with the number of sites scored.
+    """
     k = cfg.k
     order = np.argsort(plan.doc, kind="stable")
     if not np.array_equal(order, np.arange(len(plan))):
@@ -128,6 +131,7 @@ def score_plan(model: EvalModel, docs: list[np.ndarray], plan: SitePlan, cfg: Pp
     rows = _rows(plan, cfg.sites_per_row)
     rows.sort(key=lambda r: -int(plan.site[r[-1]]))  # similar lengths together, longest first
     out = np.zeros((len(plan), k), dtype=np.float32)
+    done = 0
     for b in range(0, len(rows), cfg.batch_size):
         batch = rows[b : b + cfg.batch_size]
         seq = max(int(plan.site[r[-1]]) + k + 1 for r in batch)
@@ -144,8 +148,9 @@ def score_plan(model: EvalModel, docs: list[np.ndarray], plan: SitePlan, cfg: Pp
         nll = model.score_sites(ids, sites, k, augment=augment).cpu().numpy()
         for j, r in enumerate(batch):
             out[r] = nll[j, : len(r)]
+        done += sum(len(r) for r in batch)
         if progress is not None:
-            progress(sum(len(r) for r in batch))
+            progress(done, len(plan))
     return out
 
 

@@ -1,13 +1,14 @@
 """The evaluation subcommands as functions: load models, run, write JSON/markdown/plots/MLflow.
 
 `launchers/evaluate.py` parses arguments and calls these; tests call them directly.
-`bar(total, desc)` makes a progress bar (tqdm in the CLI; a no-op by default).
+`bar(total, desc)` makes a progress display with `update(done)` and `close()` (the
+launcher's `pipeline.progress.Progress`; nothing by default): library code shows nothing itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,42 @@ from pipeline.eval.plots import plot_ppl_at_k
 from pipeline.eval.report import log_mlflow, write_results
 
 Bar = Callable[[int, str], Any]
+OnProgress = Callable[[int, int], None]
+"""`progress(done, total)`, what the scoring loops call after each batch."""
 
 
-class _NoBar(contextlib.AbstractContextManager):
-    def __exit__(self, *exc: object) -> None:
-        return None
+class _NoBar:
+    def update(self, done: int, **postfix: Any) -> None:
+        pass
 
-    def update(self, n: int = 1) -> None:
+    def close(self) -> None:
         pass
 
 
 def _no_bar(total: int, desc: str) -> Any:
     return _NoBar()
+
+
+@contextlib.contextmanager
+def _shown(bar: Bar, total: int, desc: str) -> Iterator[OnProgress]:
+    """A `progress(done, total)` callback that moves `bar(total, desc)`, closed at the end."""
+    shown = bar(total, desc)
+    try:
+        yield lambda done, _total: shown.update(done)
+    finally:
+        shown.close()
+
+
+def _from_increments(progress: OnProgress, total: int) -> Callable[[int], None]:
+    """Adapt a loop that reports increments (gsm8k: one per question) to `progress(done, total)`."""
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    return step
 
 
 def load_models(paths: list[str], *, device: str, dtype: str = "float32") -> list[EvalModel]:
@@ -69,13 +94,13 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
     plan = pk.plan_sites(docs, cfg, min(m.last_site(cfg.k) for m in models))
     summaries, dumps = [], []
     for m in models:
-        with bar(len(plan), f"{m.name} augmented" if m.augments else m.name) as b:
-            nll = pk.score_plan(m, docs, plan, cfg, augment=True, pad_id=manifest.eos_id, progress=b.update)
+        with _shown(bar, len(plan), f"{m.name} augmented" if m.augments else m.name) as progress:
+            nll = pk.score_plan(m, docs, plan, cfg, augment=True, pad_id=manifest.eos_id, progress=progress)
         nll_base = nll
         if m.augments:
-            with bar(len(plan), f"{m.name} base alone") as b:
+            with _shown(bar, len(plan), f"{m.name} base alone") as progress:
                 nll_base = pk.score_plan(m, docs, plan, cfg, augment=False, pad_id=manifest.eos_id,
-                                         progress=b.update)
+                                         progress=progress)
         summaries.append(pk.summarize(m, nll, nll_base))
         dumps.append((m.name, nll, nll_base if m.augments else None))
     results = {
@@ -109,8 +134,8 @@ def run_mc(models: list[EvalModel], tasks: dict[str, str], *, out: str | Path, t
     table: dict[str, dict[str, Any]] = {}
     for m in models:
         for t, docs in questions.items():
-            with bar(sum(len(d.contexts) for d in docs), f"{m.name} {t}") as b:
-                r = mc.evaluate_docs(m, tok, docs, batch_size=batch_size, progress=b.update)
+            with _shown(bar, sum(len(d.contexts) for d in docs), f"{m.name} {t}") as progress:
+                r = mc.evaluate_docs(m, tok, docs, batch_size=batch_size, progress=progress)
             r.pop("loglikelihoods")
             table.setdefault(m.name, {"model": m.describe()})[t] = r
     results = {"task": "multiple_choice", "files": dict(tasks), "limit": limit, "results": table}
@@ -138,9 +163,10 @@ def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train
     test, train = g8.read_gsm8k(test_file)[:limit], g8.read_gsm8k(train_file)
     table = {}
     for m in models:
-        with bar(len(test), f"{m.name} gsm8k") as b:
+        with _shown(bar, len(test), f"{m.name} gsm8k") as progress:
             table[m.name] = {"model": m.describe(), **g8.evaluate_gsm8k(
-                m, tok, test, train, shots=shots, seed=seed, max_new_tokens=max_new_tokens, progress=b.update)}
+                m, tok, test, train, shots=shots, seed=seed, max_new_tokens=max_new_tokens,
+                progress=_from_increments(progress, len(test)))}
     results = {"task": "gsm8k", "test": test_file, "train": train_file, "shots": shots, "results": table}
     lines = ["| model | n | shots | exact match |", "|---|---|---|---|"]
     lines += [f"| {n} | {r['n']} | {shots} | {100 * r['exact_match']:.2f} |" for n, r in table.items()]

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from pipeline.attention import causal
 from pipeline.flops import (
-    PEAK_BF16_TFLOPS,  # noqa: F401  (re-exported for callers of the old home; the table lives in pipeline.flops)
     mfu,
     peak_tflops,
     training_flops_per_token,

@@ -147,6 +147,51 @@ def test_scorer_equals_training_path_after_training(variant):
     assert plain[b, m, j].item() == pytest.approx(-logp[b, p + j, x[b, p + j + 1]].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("variant,options", [("liu", {}), ("h1", {"decode_reread": True}),
+                                             ("continued_pretraining", {})])
+def test_greedy_flags_are_the_argmax_of_the_scored_logits(variant, options):
+    """score_sites(greedy=True): the same NLL, and is_greedy = argmax of logits computed apart."""
+    dual = make(variant, **options)
+    train_steps(dual, steps=2)
+    dual.eval()
+    k = 6
+    # Row 0 continues greedily from position 11, so that site's targets are all the argmax.
+    prompt = data(5, batch=1)[:, :12]
+    new = augment_and_generate(dual, prompt, max_new_tokens=k)
+    x = data(6)
+    x[0, : 12 + k] = torch.cat([prompt, new], dim=1)[0]
+    sites = torch.tensor([[3, 11, 20], [2, 11, S - 1 - k]])
+    targets = torch.stack([x[b, sites[b, :, None] + 1 + torch.arange(k)] for b in range(2)])  # (B, M, k)
+    with torch.no_grad():
+        base_out = dual.base(x, return_kv=True)
+        alone = torch.stack([base_out.logits[b, sites[b, :, None] + torch.arange(k)] for b in range(2)])
+        augmented = (dual.site_logits(x, sites, k, base_out.kv, base_out.hidden_states)[0]
+                     if dual.config.spec.augments else alone)
+    for augment, logits in [(True, augmented), (False, alone)]:
+        nll, greedy = dual.score_sites(x, sites, k, augment=augment, greedy=True)
+        assert torch.equal(nll, dual.score_sites(x, sites, k, augment=augment))
+        assert torch.equal(greedy, logits.argmax(-1) == targets)
+    _, greedy = dual.score_sites(x, sites, k, greedy=True)
+    assert greedy[0, 1].all() and not greedy.all()
+
+
+@pytest.mark.parametrize("variant", ["h2", "continued_pretraining"])
+def test_base_alone_scores_are_the_base_forward_cross_entropy(variant):
+    dual = make(variant, family="qwen3-tiny")
+    train_steps(dual, steps=2)
+    x = data(4)
+    k = 7
+    sites = torch.tensor([[0, 5, 9, 17, S - 1 - k], [2, 3, 11, 20, 21]])
+    with torch.no_grad():
+        ce = F.cross_entropy(dual.base(x).logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, S-1)
+    expected = torch.stack([ce[b, sites[b, :, None] + torch.arange(k)] for b in range(2)])
+    torch.testing.assert_close(dual.score_sites(x, sites, k, augment=False), expected, atol=1e-5, rtol=0)
+    with pytest.raises(PipelineError, match="past the sequence end"):
+        dual.score_sites(x, sites.clamp(min=S - k), k, augment=False)
+    with pytest.raises(PipelineError, match="past the sequence end"):
+        dual.score_sites(x, sites.clamp(min=S - k), k, greedy=True)
+
+
 @pytest.mark.parametrize("variant,options", [
     ("liu", {"coprocessor_adapter": "lora", "lora_rank": 2}),
     ("h1", {}),
