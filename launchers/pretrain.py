@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.config import to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.logs import announce_op_builds, setup_logging  # noqa: E402
+from pipeline.progress import Progress  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,18 +38,38 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _progress(desc: str, total: int):
+    """A progress bar (TTY) or periodic lines for one training stage, on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    bar = Progress(total, desc)
+
+    def on_step(step: int, metrics: dict) -> None:
+        bar.update(step, loss=metrics.get("loss"), val_loss=metrics.get("val_loss"))
+        if step >= total:
+            bar.close()
+    return on_step
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         ds_config = json.loads(Path(args.ds_config).read_text())
         if args.config is None:
-            from pipeline.train.recipe import run_default
+            from pipeline.train.config import load_config
 
+            load_config("tiny-liu", args.overrides)  # the recipe's overrides, checked before any start
             if args.dry_run:
                 print("default recipe: builtin:pydocs -> tiny Base -> liu -> ppl-at-k summary")
                 return 0
-            run_default(ds_config, root=args.recipe_root, overrides=args.overrides)
+            from pipeline.recipe import run_default
+
+            announce_op_builds(logging.getLogger("pretrain"))
+            result = run_default(ds_config, root=args.recipe_root, overrides=args.overrides, progress=_progress)
+            if rank0 and result.table:
+                print(f"\nppl of the k-th token after augmentation ({result.n_sites} held-out sites):\n{result.table}")
             return 0
         from pipeline.train.config import load_config
 
@@ -55,10 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps({"pipeline": to_dict(cfg), "deepspeed": ds_config}, indent=2))
             return 0
+        from pipeline.train.dual_task import DualPretraining
         from pipeline.train.trainer import train
 
-        result = train(cfg, ds_config, resume=args.resume)
-        if int(os.environ.get("RANK", 0)) == 0:
+        announce_op_builds(logging.getLogger("pretrain"))
+        result = train(DualPretraining(cfg), ds_config, resume=args.resume,
+                       on_step=_progress(cfg.dual.variant, cfg.train.max_steps))
+        if rank0:
             print(f"step {result.step}/{cfg.train.max_steps}" + (f", val loss {result.val_loss:.4f}" if result.finished else
                   " (stopped early; continue with --resume auto)") +
                   (f", exported to {result.export_dir}" if result.export_dir else ""))

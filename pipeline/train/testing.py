@@ -35,6 +35,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, a
     if backend == "gloo":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU ranks, as the tests and the CPU benchmark want
     try:
+        from pipeline.logs import install_noise_filters
+
+        install_noise_filters(rank)  # before `import deepspeed`, whose import-time lines are on its list
         import deepspeed
         import torch
 
