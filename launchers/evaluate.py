@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,
                                    tokenizer=args.tokenizer, shots=args.shots, seed=args.seed, limit=args.limit,
-                                   max_new_tokens=args.max_new_tokens, **log)
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size or 16, **log)
             stem = "gsm8k"
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@ Every constructor returns an `AttentionPattern` (rule + metadata + lengths +
 backend). Key layout is always "prefix keys, then the pass's own keys".
 
 - `causal(q_len, kv_len)`: query i sees keys <= i + (kv_len - q_len), i.e. the
-  whole prefix plus its own causal past.
+  whole prefix plus its own causal past; with `key_valid`, padding keys (prompts
+  of different lengths decoded as one batch) are hidden from every query.
 - `document_causal(doc_ids)`: causal, and only within the same document
   (EOS-separated packing; `doc_ids_from_eos` makes the ids).
 - `prefix_block_causal(...)`: the dual model's rule. Each query has a block id,
@@ -43,14 +44,30 @@ def _causal_rule(meta: dict[str, Tensor], b: Tensor, h: Tensor, q_idx: Tensor, k
     return kv_idx <= q_idx + meta["offset"][0, 0]
 
 
-def causal(q_len: int, kv_len: int | None = None, *, backend: Backend = "auto") -> AttentionPattern:
-    """Plain causal attention; `kv_len - q_len` prefix keys are all visible."""
+def _padded_causal_rule(meta, b, h, q_idx, kv_idx):
+    return (kv_idx <= q_idx + meta["offset"][0, 0]) & (meta["key_valid"][b, kv_idx] != 0)
+
+
+def causal(q_len: int, kv_len: int | None = None, *, key_valid: Tensor | None = None,
+           backend: Backend = "auto") -> AttentionPattern:
+    """Plain causal attention; `kv_len - q_len` prefix keys are all visible.
+
+    `key_valid` `[K]` or `[B, K]` (nonzero = a real key): keys marked 0 are padding and
+    no query sees them (batched generation over prompts of different lengths). A
+    query's own key must be valid, or its row would see nothing.
+    """
     kv_len = q_len if kv_len is None else kv_len
     if kv_len < q_len:
         raise PipelineError(f"causal: kv_len ({kv_len}) < q_len ({q_len})")
+    offset = torch.tensor([[kv_len - q_len]])
+    if key_valid is not None:
+        valid = _as_2d(key_valid, "key_valid").long()
+        if valid.shape[1] != kv_len:
+            raise PipelineError(f"causal: key_valid has length {valid.shape[1]}, expected {kv_len}")
+        return AttentionPattern(_padded_causal_rule, q_len, kv_len,
+                                {"offset": offset.to(valid.device), "key_valid": valid}, backend=backend)
     if q_len == 1:  # one query after its whole past: nothing to mask (decoding)
         return AttentionPattern(None, q_len, kv_len, backend=backend)
-    offset = torch.tensor([[kv_len - q_len]])
     return AttentionPattern(
         _causal_rule, q_len, kv_len, {"offset": offset}, backend=backend, is_causal=kv_len == q_len
     )

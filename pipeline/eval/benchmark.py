@@ -1,11 +1,13 @@
-"""Evaluation speed: ppl-at-k sites/s and multiple-choice questions/s (printed, never asserted).
+"""Evaluation speed: ppl-at-k sites/s, multiple-choice and generation questions/s (printed, never asserted).
 
     python -m pipeline.eval.benchmark                     # CPU: gpt2-tiny (vocab 50257)
     python -m pipeline.eval.benchmark --preset gpt2-124m  # GPU: the GPT-2 124M shape
 
 Random weights and random tokens: speed does not depend on the values. A `liu` dual
 model with N_L latents; ppl-at-k scores K tokens after each site with augmentation and
-with the Base alone; multiple choice scores 4 continuations per question.
+with the Base alone; multiple choice scores 4 continuations per question; generation
+decodes greedily after prompts of varied length, one question at a time and in batches
+(`EvalModel.generate_batch`, as GSM8K does).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sites-per-row", type=int, default=16)
     p.add_argument("--questions", type=int, default=64)
     p.add_argument("--mc-batch-size", type=int, default=16)
+    p.add_argument("--gen-new-tokens", type=int, default=32)
+    p.add_argument("--gen-batch-size", type=int, default=16)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     name = args.preset or ("gpt2-124m" if gpu else "gpt2-tiny")
@@ -80,7 +84,28 @@ def main(argv: list[str] | None = None) -> int:
     _sync(args.device)
     dt = time.perf_counter() - t0
     print(f"  multiple choice (4 choices, augmented): {args.questions / dt:8.1f} questions/s  ({dt:.2f} s)")
+    # generation: --questions prompts of 8 .. the longest that fits, --gen-new-tokens each (no EOS)
+    n_new = args.gen_new_tokens
+    longest = model.last_site(n_new) + 1
+    prompts = [rng.integers(0, cfg.vocab_size - 1, int(rng.integers(8, longest + 1))).tolist()
+               for _ in range(args.questions)]
+    for batch in (1, args.gen_batch_size):
+        dt = _generate_all(model, prompts, n_new, batch, args.device)
+        print(f"  generation ({n_new} new tokens, augmented, batch {batch:2d}): "
+              f"{len(prompts) / dt:8.1f} questions/s  ({dt:.2f} s)")
     return 0
+
+
+def _generate_all(model: EvalModel, prompts: list[list[int]], n_new: int, batch: int, device: str) -> float:
+    """Seconds to decode every prompt, `batch` at a time, longest first (as GSM8K batches)."""
+    order = sorted(prompts, key=len, reverse=True)
+    model.generate_batch(order[:batch], max_new_tokens=n_new, eos_token_id=None)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    for a in range(0, len(order), batch):
+        model.generate_batch(order[a: a + batch], max_new_tokens=n_new, eos_token_id=None)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     model = load_eval_model("runs/x/export")        # pipeline.json -> DualModel
     model = load_eval_model("hf/gpt2")              # no pipeline.json -> Base alone
     nll, greedy = model.site_logprobs(ids, sites, k)  # (B, M, k) each
+    rows = model.generate_batch(prompts, max_new_tokens=64, eos_token_id=eos)  # greedy, any lengths
 
 A plain checkpoint is wrapped as the `continued_pretraining` row (no augmentation), so
 both kinds go through the same `DualModel` scorer; `augments` says which one it is.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.dual import DualConfig, DualModel, augment_and_generate, load_dual, read_pipeline_json
+from pipeline.dual.inference import augment_and_generate_batch
 from pipeline.dual.sites import last_allowed_site
 from pipeline.errors import PipelineError
 from pipeline.models import from_pretrained
@@ -95,6 +98,22 @@ class EvalModel:
         """Greedy continuation `(B, max_new_tokens)`, augmenting once at the prompt's end."""
         return augment_and_generate(self.dual, prompt_ids.to(self.device), max_new_tokens=max_new_tokens,
                                     temperature=0.0, eos_token_id=eos_token_id)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                       eos_token_id: int | None, stop: Sequence[Sequence[int]] | None = None,
+                       stop_strings: Sequence[str] | None = None,
+                       decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
+        """Greedy new tokens of each prompt (token-id lists of any lengths), decoded as one batch,
+        each augmented once at its own end (a plain checkpoint: the Base alone).
+
+        A row ends at `eos_token_id`, a `stop` token sequence, a `stop_strings` string in
+        `decode(new tokens)` (the stopping token is kept), or its `max_new_tokens` (one
+        int or one per prompt). Row for row the tokens of `generate` on that prompt alone.
+        """
+        return augment_and_generate_batch(self.dual, prompts, max_new_tokens=max_new_tokens,
+                                          eos_token_id=eos_token_id, stop=stop, stop_strings=stop_strings,
+                                          decode=decode)
 
 
 def load_eval_model(path: str | Path, *, device: str | torch.device = "cpu",

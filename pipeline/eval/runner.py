@@ -158,14 +158,14 @@ def run_mc(models: list[EvalModel], tasks: dict[str, str], *, out: str | Path, t
 def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train_file: str,
               tokenizer: str | None = None, shots: int = 8, seed: int = 0, limit: int | None = None,
               max_new_tokens: int = 256, mlflow_run: str | None = None, mlflow_experiment: str | None = None,
-              bar: Bar = _no_bar) -> dict[str, Any]:
+              bar: Bar = _no_bar, batch_size: int = 16) -> dict[str, Any]:
     tok = resolve_tokenizer(models, tokenizer)
     test, train = g8.read_gsm8k(test_file)[:limit], g8.read_gsm8k(train_file)
     table = {}
     for m in models:
         with _shown(bar, len(test), f"{m.name} gsm8k") as progress:
             table[m.name] = {"model": m.describe(), **g8.evaluate_gsm8k(
-                m, tok, test, train, shots=shots, seed=seed, max_new_tokens=max_new_tokens,
+                m, tok, test, train, shots=shots, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                 progress=_from_increments(progress, len(test)))}
     results = {"task": "gsm8k", "test": test_file, "train": train_file, "shots": shots, "results": table}
     lines = ["| model | n | shots | exact match |", "|---|---|---|---|"]

@@ -60,6 +60,23 @@ def test_causal_flex_matches_sdpa(q_len, kv_len):
     torch.testing.assert_close(out, _reference(q, k, v, mask), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("q_len,kv_len", [(1, 17), (5, 40), (40, 40)])
+def test_causal_with_padding_keys(q_len, kv_len):
+    """key_valid hides padding keys (right-padded prompts of different lengths) from every query."""
+    g = torch.Generator().manual_seed(kv_len)
+    valid = torch.rand(B, kv_len, generator=g) > 0.3
+    valid[:, kv_len - q_len:] = True  # every query's own key is real
+    pattern = causal(q_len, kv_len, key_valid=valid)
+    out = _flex_vs_sdpa(pattern)
+    qi = torch.arange(q_len).view(-1, 1) + (kv_len - q_len)
+    mask = ((torch.arange(kv_len).view(1, -1) <= qi)[None] & valid[:, None, :])[:, None]  # [B, 1, Q, K]
+    assert torch.equal(pattern.dense_mask(torch.device("cpu")), mask)
+    q, k, v = _qkv(q_len, kv_len)
+    torch.testing.assert_close(out, _reference(q, k, v, mask), atol=1e-5, rtol=0)
+    with pytest.raises(PipelineError, match="key_valid has length"):
+        causal(q_len, kv_len + 1, key_valid=valid)
+
+
 def test_causal_fast_path_only_when_square():
     assert causal(8).is_causal and not causal(8, 12).is_causal
     assert causal(1, 9).rule is None  # decoding step: nothing masked

@@ -71,3 +71,46 @@ def test_generation_is_augment_once_then_greedy(exports, shared_data, gpt2_token
     assert r["records"][0]["prompt_tokens"] == len(ids)
     assert r["exact_match"] == sum(x["correct"] for x in r["records"]) / 2
     assert "exact match" in (tmp_path / "gsm8k.md").read_text()
+
+
+
+@pytest.mark.parametrize("kind", ["liu", "h1", "hf_base"])
+def test_batched_questions_give_the_one_at_a_time_results(exports, shared_data, gpt2_tokenizer_dir, kind,
+                                                          monkeypatch):
+    """Zero-shot prompts differ in length (padding in every batch); a row that stops at a stop
+    string early gives the text that full-length decoding, cut at the string, gives."""
+    model = load_eval_model(exports[kind])
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    test = g8.read_gsm8k(shared_data / "gsm8k" / "test.jsonl")[:5]
+    train = g8.read_gsm8k(shared_data / "gsm8k" / "train.jsonl")
+    n_new = 10
+    prompts = tok.encode_batch([g8.build_prompt([], row["question"]) for row in test])
+    prompts = [p[-(model.last_site(n_new) + 1):] for p in prompts]
+    assert len({len(p) for p in prompts}) > 1
+    full = [model.generate(torch.tensor([p]), max_new_tokens=n_new, eos_token_id=tok.eos_id)[0].tolist()
+            for p in prompts]
+    full = [f[: f.index(tok.eos_id)] if tok.eos_id in f else f for f in full]
+    # a stop string from the middle of question 1's generation, so that its row stops early
+    stops = (tok.decode(full[1])[6:9], *g8.STOP)
+    monkeypatch.setattr(g8, "STOP", stops)
+    assert stops[0] in tok.decode(full[1][:-1])  # row 1 stops before its budget
+    want = [g8.cut_at_stop(tok.decode(f), stops) for f in full]
+    kw = dict(shots=0, max_new_tokens=n_new)
+    one = g8.evaluate_gsm8k(model, tok, test, train, batch_size=1, **kw)
+    assert [r["generation"] for r in one["records"]] == want
+    assert [r["prompt_tokens"] for r in one["records"]] == [len(p) for p in prompts]
+    assert g8.evaluate_gsm8k(model, tok, test, train, batch_size=3, **kw) == one
+
+
+@pytest.mark.parametrize("kind", ["h1", "hf_base"])
+def test_eval_model_generate_batch_rows_equal_generate(exports, kind):
+    model = load_eval_model(exports[kind])
+    prompts = [torch.randint(1, 50000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (2, 9, 30)]
+    alone = [model.generate(torch.tensor([p]), max_new_tokens=8, eos_token_id=None)[0].tolist() for p in prompts]
+    assert model.generate_batch(prompts, max_new_tokens=8, eos_token_id=None) == alone
+    seq = alone[1][2:4]
+    cut = model.generate_batch(prompts, max_new_tokens=8, eos_token_id=None, stop=[seq])
+    for got, a in zip(cut, alone, strict=True):
+        ends = [n for n in range(2, len(a) + 1) if a[n - 2: n] == seq]
+        assert got == a[: ends[0] if ends else len(a)]
