@@ -1,7 +1,7 @@
 """Evaluate exported model directories (or plain HF checkpoints, as baselines).
 
     python launchers/evaluate.py ppl-at-k --model runs/liu/export --model runs/cp/export --k 32 \
-        [--data DATA_DIR] [--every-position | --sites-per-doc 8] [--dump sites.jsonl] --out eval/
+        [--data DATA_DIR] [--every-position | --sites-per-doc 8] [--dump sites.jsonl] [--bootstrap 1000] --out eval/
     python launchers/evaluate.py mc --model DIR --task hellaswag=hellaswag_val.jsonl \
         --task arc_easy=ARC-Easy-Test.jsonl [--tokenizer TOK] --out eval/
     python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
@@ -39,6 +39,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     pk.add_argument("--sites-per-row", type=int, default=16)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--dump", help="write the per-site JSON lines here")
+    pk.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="site resamples for the 95%% intervals")
+    pk.add_argument("--bootstrap-seed", type=int, default=0, metavar="S")
     mc = sub.add_parser("mc", parents=[common], help="zero-shot multiple choice (acc, acc_norm)")
     mc.add_argument("--task", action="append", default=[], metavar="NAME=FILE",
                     help="hellaswag, arc_easy, arc_challenge, piqa, siqa, winogrande (repeatable)")
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         log = dict(mlflow_run=args.mlflow_run, mlflow_experiment=args.mlflow_experiment, bar=bar)
         if args.cmd == "ppl-at-k":
             cfg = PplConfig(k=args.k, sites_per_doc=None if args.every_position else args.sites_per_doc,
-                            seed=args.seed, batch_size=args.batch_size or 4, sites_per_row=args.sites_per_row)
+                            seed=args.seed, batch_size=args.batch_size or 4, sites_per_row=args.sites_per_row,
+                            n_resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
             res = runner.run_ppl_at_k(models, out=args.out, data=args.data, cfg=cfg, limit=args.limit,
                                       dump=args.dump, **log)
             stem = "ppl_at_k"

@@ -31,7 +31,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     ap.add_argument("--config", help="preset name or YAML file; omit for the built-in default recipe")
     ap.add_argument("--resume", help="'auto' (latest checkpoint in train.output_dir, if any) or a checkpoint path")
-    ap.add_argument("--recipe-root", default="runs/default", help="where the default recipe (no --config) works")
+    ap.add_argument("--recipe", default="default", choices=["default", "compare"],
+                    help="without --config: the main job (default) or every variant from one Base (compare)")
+    ap.add_argument("--recipe-root", default="runs/default", help="where the recipes (no --config) work")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
     ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the pipeline config")
@@ -62,14 +64,16 @@ def main(argv: list[str] | None = None) -> int:
 
             load_config("tiny-liu", args.overrides)  # the recipe's overrides, checked before any start
             if args.dry_run:
-                print("default recipe: builtin:pydocs -> tiny Base -> liu -> ppl-at-k summary")
+                print(f"{args.recipe} recipe: builtin:pydocs -> small Base -> " +
+                      ("liu -> ppl-at-k summary" if args.recipe == "default" else "every variant -> comparison table"))
                 return 0
-            from pipeline.recipe import run_default
+            from pipeline.recipe import RUNNERS
 
             announce_op_builds(logging.getLogger("pretrain"))
-            result = run_default(ds_config, root=args.recipe_root, overrides=args.overrides, progress=_progress)
+            result = RUNNERS[args.recipe](ds_config, root=args.recipe_root, overrides=args.overrides,
+                                          progress=_progress)
             if rank0 and result.table:
-                print(f"\nppl of the k-th token after augmentation ({result.n_sites} held-out sites):\n{result.table}")
+                print(f"\n{result.title} ({result.n_sites} held-out sites):\n{result.table}")
             return 0
         from pipeline.train.config import load_config
 

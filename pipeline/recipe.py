@@ -1,29 +1,42 @@
-"""The built-in default recipe: the main job of a fresh machine, nothing downloaded.
+"""The built-in recipes: the main job of a fresh machine (nothing downloaded), and the comparison.
 
     deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu.json
+    deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu.json --recipe compare
 
+`default`:
 1. data: a small sentencepiece tokenizer and shards from `builtin:pydocs` (the
    documentation bundled with Python), unless already there;
-2. Base: pretrain the tiny GPT-2 on it (`continued_pretraining` from random init,
+2. Base: pretrain a small GPT-2 on it (`continued_pretraining` from random init,
    since a dual variant on a random Base means nothing);
 3. dual: train the default variant (`liu`) on top of that Base;
 4. evaluation: ppl of the k-th token after augmentation vs the Base alone on the
-   held-out shards, printed whichever way it goes.
+   held-out shards, with bootstrap intervals, printed whichever way it goes.
 
-Each stage is resumable (`--resume auto` semantics) and reuses finished work. It sits
-above the stages (data -> train -> eval), so `pipeline/train` never imports `eval`.
-It logs and returns; the launcher prints the result and shows progress.
+`compare` (paper 000 §4.1): from the same Base, every variant at the same N_L, step
+count and batch — `continued_pretraining` is the data-matched baseline (the same
+training tokens as each dual run) — then ppl at k on the same held-out sites, a
+table in the shape of paper 000 Table 1 / Fig. 2 (Δ against continued
+pretraining, paired bootstrap intervals) and every variant's validation curve;
+one MLflow parent run with a child run per stage.
+
+Each stage is resumable (`--resume auto` semantics) and reuses finished work. This
+module sits above the stages (data -> train -> eval), so `pipeline/train` never
+imports `eval`. It logs and returns; the launcher prints the result and shows progress.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline.data.build import BuildOptions, build
 from pipeline.data.readers import Reader, resolve_inputs
@@ -33,7 +46,7 @@ from pipeline.eval.ppl import PplConfig, markdown_table
 from pipeline.eval.runner import load_models, run_ppl_at_k
 from pipeline.train.config import load_config
 from pipeline.train.dual_task import DualPretraining
-from pipeline.train.tracking import log_artifacts_to_run
+from pipeline.train.tracking import finish_run, log_artifacts_to_run, start_parent_run
 from pipeline.train.trainer import StepCallback, train
 
 log = logging.getLogger(__name__)
@@ -43,6 +56,20 @@ DUAL_STEPS = 600
 TINY_LR = 1e-3
 """A 0.4M-parameter model learns faster than the ds_configs' 3e-4 (meant for real sizes) allows."""
 VOCAB = 4000
+EVAL = PplConfig(k=8, sites_per_doc=8, seed=0)
+COMPARE_VARIANTS = ("continued_pretraining", "soft_embedding", "pause", "liu", "h1", "h2")
+RECIPES = ("default", "compare")
+Progress = Callable[[str, int], StepCallback | None]
+
+
+@dataclasses.dataclass
+class RecipeResult:
+    export: Path
+    """The liu export directory (default) or the comparison's directory (compare)."""
+    table: str | None
+    """The result table (markdown; rank 0 only)."""
+    n_sites: int = 0
+    title: str = ""
 
 
 def prepare_data(root: Path) -> Path:
@@ -59,17 +86,16 @@ def prepare_data(root: Path) -> Path:
 
 
 @dataclasses.dataclass
-class RecipeResult:
-    export: Path
-    """The liu export directory."""
-    table: str | None
-    """ppl-at-k of the export against its Base alone (markdown; rank 0 only)."""
-    n_sites: int = 0
+class _Setup:
+    root: Path
+    data: Path
+    ds_config: dict[str, Any]
+    overrides: list[str]
+    tracking_uri: str
+    rank: int
 
 
-def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", overrides: list[str] = (),
-                progress: Callable[[str, int], StepCallback | None] | None = None) -> RecipeResult:
-    """The main job. `progress(stage, max_steps)` may return a per-step callback for a stage."""
+def _setup(ds_config: dict[str, Any], root: str | Path, overrides: list[str], data: str | None = None) -> _Setup:
     import deepspeed
     import deepspeed.comm as dist
     import torch
@@ -78,40 +104,62 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     ds_config = copy.deepcopy(ds_config)
     ds_config.get("optimizer", {}).get("params", {})["lr"] = TINY_LR
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if dist.get_rank() == 0:
+    if data is None and dist.get_rank() == 0:
         prepare_data(root)
     dist.barrier()
-    data = (root / "data").resolve()
+    data = Path(data) if data else root / "data"
     # One MLflow store for the recipe's stages, unless the user points elsewhere.
-    tracking = [] if os.environ.get("MLFLOW_TRACKING_URI") else [f"tracking.tracking_uri=sqlite:///{root.resolve()}/mlflow.db"]
-    overrides = [*tracking, *overrides]
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
+    tracking = [] if os.environ.get("MLFLOW_TRACKING_URI") else [f"tracking.tracking_uri={uri}"]
+    return _Setup(root, data.resolve(), ds_config, [*tracking, *overrides], uri, dist.get_rank())
 
-    base_cfg = load_config("tiny-continued_pretraining", [
-        f"data.path={data}", f"train.output_dir={root / 'base'}", f"train.max_steps={BASE_STEPS}",
-        "train.eval_every=500", "tracking.run_name=default-base", *overrides])
-    base = root / "base" / "export"
-    if not (base / "pipeline.json").is_file():
-        log.info("stage 1/3: pretraining the tiny Base on builtin:pydocs")
-        base = train(DualPretraining(base_cfg), ds_config, resume="auto",
-                     on_step=progress and progress("base", BASE_STEPS)).export_dir
-    dual_cfg = load_config("tiny-liu", [
-        f"data.path={data}", f"model.path={base.resolve()}", f"train.output_dir={root / 'liu'}",
-        f"train.max_steps={DUAL_STEPS}", "train.eval_every=200", "tracking.run_name=default-liu",
-        # The frozen Base then predicts every target from a real token that attends to the
-        # latents (it starts from its own predictions, not from a raw latent); pipeline.json records it.
-        "dual.decode_reread=true", *overrides])
-    export, tracking = root / "liu" / "export", None
-    if not (export / "pipeline.json").is_file():
-        log.info("stage 2/3: training the liu Coprocessor on the frozen Base")
-        result = train(DualPretraining(dual_cfg), ds_config, resume="auto",
-                       on_step=progress and progress("liu", DUAL_STEPS))
-        export, tracking = result.export_dir, result.tracking
-    result = RecipeResult(export=export, table=None)
-    if dist.get_rank() == 0:
-        log.info("stage 3/3: evaluating ppl of the k-th token after augmentation")
-        result.table, result.n_sites = summarize(export, root / "eval")
+
+def _stage(s: _Setup, preset: str, out: Path, steps: int, progress: Progress | None, name: str,
+           *extra: str) -> tuple[Path, tuple[str, str] | None]:
+    """Train one stage unless its export exists: (export dir, (tracking uri, run id) or None)."""
+    export = out / "export"
+    if (export / "pipeline.json").is_file():
+        log.info("%s: reusing %s", name, export)
+        return export, None
+    cfg = load_config(preset, [f"data.path={s.data}", f"train.output_dir={out}", f"train.max_steps={steps}",
+                               f"tracking.run_name={name}", *extra, *s.overrides])
+    result = train(DualPretraining(cfg), s.ds_config, resume="auto", on_step=progress and progress(name, steps))
+    return result.export_dir, result.tracking
+
+
+def _base(s: _Setup, progress: Progress | None, steps: int = BASE_STEPS) -> Path:
+    log.info("pretraining the small Base on %s", s.data)
+    return _stage(s, "tiny-continued_pretraining", s.root / "base", steps, progress, "base",
+                  "train.eval_every=500")[0].resolve()
+
+
+def _variant_overrides(variant: str, base: Path) -> list[str]:
+    """What every dual stage of the recipes shares: the Base, and `decode_reread` for the
+    embedding variants, so that every target is predicted from a real token that attends to
+    the latents (h1 always re-reads; the frozen-Base variants start from the Base's own
+    predictions, not from a raw latent). pipeline.json records it."""
+    extra = [f"model.path={base}"]
+    if variant not in ("continued_pretraining", "h1"):
+        extra.append("dual.decode_reread=true")
+    return extra
+
+
+def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", overrides: list[str] = (),
+                progress: Progress | None = None) -> RecipeResult:
+    """The main job. `progress(stage, max_steps)` may return a per-step callback for a stage."""
+    import deepspeed.comm as dist
+
+    s = _setup(ds_config, root, list(overrides))
+    base = _base(s, progress)
+    log.info("training the liu Coprocessor on the frozen Base")
+    export, tracking = _stage(s, "tiny-liu", s.root / "liu", DUAL_STEPS, progress, "liu",
+                              "train.eval_every=200", *_variant_overrides("liu", base))
+    result = RecipeResult(export=export, table=None, title="ppl of the k-th token after augmentation")
+    if s.rank == 0:
+        log.info("evaluating ppl of the k-th token after augmentation")
+        result.table, result.n_sites = summarize(export, s.root / "eval")
         if tracking:
-            log_artifacts_to_run(*tracking, sorted((root / "eval").glob("ppl_at_k.*")))
+            log_artifacts_to_run(*tracking, sorted((s.root / "eval").glob("ppl_at_k.*")))
     dist.barrier()
     return result
 
@@ -119,6 +167,132 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
 def summarize(export: Path, out: Path) -> tuple[str, int]:
     """ppl-at-k of the dual export against its Base alone, on the held-out shards:
     (markdown table, number of sites)."""
-    results = run_ppl_at_k(load_models([str(export)], device="cpu"), out=out,
-                           cfg=PplConfig(k=8, sites_per_doc=8, seed=0))
+    results = run_ppl_at_k(load_models([str(export)], device="cpu"), out=out, cfg=EVAL)
     return markdown_table(results), results["n_sites"]
+
+
+# ---------------------------------------------------------------------- the comparison
+def run_compare(ds_config: dict[str, Any], root: str | Path = "runs/default", overrides: list[str] = (),
+                progress: Progress | None = None, *, variants: tuple[str, ...] = COMPARE_VARIANTS,
+                steps: int = DUAL_STEPS, base_steps: int = BASE_STEPS, data: str | None = None) -> RecipeResult:
+    """Every variant from one Base at the same budget; the table of paper 000 Table 1 / Fig. 2.
+    `data` (a data-prep directory) replaces the built-in corpus; the default root shares the
+    main job's data and Base."""
+    import deepspeed.comm as dist
+
+    s = _setup(ds_config, root, list(overrides), data)
+    out = s.root / "compare"
+    base = _base(s, progress, base_steps)
+    parent = [None]
+    if s.rank == 0 and load_config("tiny-liu", s.overrides).tracking.enabled:
+        parent[0] = start_parent_run(s.tracking_uri, "latent-pipeline", "compare",
+                                     {"variants": ",".join(variants), "steps": steps, "base": str(base)})
+    dist.broadcast_object_list(parent, src=0)
+    link = [f"tracking.parent_run_id={parent[0]}"] if parent[0] else []
+    exports = {}
+    for variant in variants:
+        log.info("compare: %s (%d steps)", variant, steps)
+        exports[variant] = _stage(s, f"tiny-{variant}", out / variant, steps, progress, f"compare-{variant}",
+                                  "train.eval_every=100", *link, *_variant_overrides(variant, base))[0]
+    result = RecipeResult(export=out, table=None, title=f"variants from one Base, {steps} steps each")
+    if s.rank == 0:
+        log.info("compare: evaluating every variant on the same held-out sites")
+        models = load_models([str(exports[v]) for v in variants], device="cpu")
+        for model, variant in zip(models, variants, strict=True):
+            model.name = variant
+        ppl = run_ppl_at_k(models, out=out / "eval", cfg=EVAL, dump=str(out / "eval" / "sites.jsonl"))
+        rows = compare_rows(ppl, out / "eval" / "sites.jsonl", {v: out / v for v in variants})
+        result.table, result.n_sites = compare_table(rows, ppl), ppl["n_sites"]
+        (out / "compare.md").write_text(result.table)
+        (out / "compare.json").write_text(json.dumps(rows, indent=2))
+        plot_validation(rows, out / "validation_ppl.png")
+        finish_run(s.tracking_uri, parent[0], {f"ppl_k1/{r['variant']}": r["ppl"][0] for r in rows},
+                   [out / "compare.md", out / "compare.json", out / "validation_ppl.png"])
+    dist.barrier()
+    return result
+
+
+COMPARE_K = (1, 2, 4, 8)
+REFERENCE = "continued_pretraining"
+
+
+def compare_rows(ppl: dict[str, Any], dump: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Per variant: its validation curve (own objective), ppl at k with intervals, and the
+    paired Δ ppl against continued pretraining on the same sites (bootstrap over sites)."""
+    nll: dict[str, np.ndarray] = {}
+    for line in dump.read_text().splitlines():
+        row = json.loads(line)
+        nll.setdefault(row["model"], []).append(row["nll"])
+    nll = {k: np.asarray(v, dtype=np.float64) for k, v in nll.items()}  # (sites, k) each, same site order
+    ref = nll.get(REFERENCE)
+    rows = []
+    for m in ppl["models"]:
+        name = m["name"]
+        curve = [json.loads(line) for line in (runs[name] / "metrics.jsonl").read_text().splitlines()]
+        val = [(c["step"], c["val_loss"]) for c in curve if "val_loss" in c]
+        row = {"variant": name, "val_curve": val, "val_ppl": math.exp(val[-1][1]) if val else None,
+               "ppl": [m["ppl"][k - 1] for k in COMPARE_K],
+               "ppl_ci": [m["ppl_ci"][k - 1] for k in COMPARE_K] if "ppl_ci" in m else None}
+        if ref is not None and name != REFERENCE:
+            cols = [k - 1 for k in COMPARE_K]
+            row |= ppl_gap(nll[name][:, cols], ref[:, cols])
+        rows.append(row)
+    return rows
+
+
+def ppl_gap(nll: np.ndarray, ref: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, list]:
+    """ppl(nll) - ppl(ref) per column, with a 95% paired percentile bootstrap over sites (rows):
+    both models are scored on the same resampled sites."""
+    idx = np.random.default_rng(seed).integers(0, len(nll), (n_resamples, len(nll)))
+    gaps = np.exp(nll[idx].mean(axis=1)) - np.exp(ref[idx].mean(axis=1))  # (n_resamples, K)
+    return {"delta_vs_cp": (np.exp(nll.mean(0)) - np.exp(ref.mean(0))).tolist(),
+            "delta_vs_cp_ci": np.percentile(gaps, [2.5, 97.5], axis=0).T.tolist()}
+
+
+def compare_table(rows: list[dict[str, Any]], ppl: dict[str, Any]) -> str:
+    head = ["variant", "val ppl (own objective)"] + [f"ppl k={k}" for k in COMPARE_K] + \
+           [f"Δ vs CP k={k}" for k in COMPARE_K]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], f"{r['val_ppl']:.2f}" if r["val_ppl"] else "-"]
+        for i, value in enumerate(r["ppl"]):
+            ci = r["ppl_ci"][i] if r["ppl_ci"] else None
+            cells.append(f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        for i in range(len(COMPARE_K)):
+            if "delta_vs_cp" in r:
+                lo, hi = r["delta_vs_cp_ci"][i]
+                cells.append(f"{r['delta_vs_cp'][i]:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            else:
+                cells.append("0")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"ppl at k: the k-th token after a site, on the same {ppl['n_sites']} held-out sites for every "
+              "variant (continued pretraining: its own next-token prediction there). Δ vs CP: ppl minus "
+              "continued pretraining's, [95% paired percentile bootstrap over sites]. val ppl is each run's own "
+              "validation objective (ahead tokens for dual variants, every token for continued pretraining), "
+              "so it compares curves' shapes, not levels across kinds."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_validation(rows: list[dict[str, Any]], png: Path) -> Path:
+    """Every variant's validation ppl against training step (paper 000 Fig. 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["val_curve"]:
+            steps, losses = zip(*r["val_curve"], strict=True)
+            ax.plot(steps, [math.exp(v) for v in losses], "o-", markersize=3, label=r["variant"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation ppl (own objective)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+RUNNERS = {"default": run_default, "compare": run_compare}

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def plot_ppl_at_k(results: dict[str, Any], path: str | Path) -> Path:
-    """ppl vs k, one colour per model: augmented (solid) and its Base alone (dashed)."""
+    """ppl vs k, one colour per model: augmented (solid) and its Base alone (dashed), each
+    with its bootstrap interval as a shaded band (when the results carry `ppl_ci`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,12 +20,16 @@ def plot_ppl_at_k(results: dict[str, Any], path: str | Path) -> Path:
         color = f"C{i}"
         label = m["name"] if not m["augments"] else f"{m['name']} ({m['variant']}, N_L={m['n_latents']})"
         ax.plot(ks, m["ppl"], color=color, marker=".", label=label)
+        _band(ax, ks, m.get("ppl_ci"), color)
         if m["augments"]:
             ax.plot(ks, m["ppl_base"], color=color, linestyle="--", label=f"{m['name']}: Base alone")
+            _band(ax, ks, m.get("ppl_base_ci"), color, hatch="//")
             ax.axvline(m["n_ahead"], color=color, linestyle=":", linewidth=0.8)
     ax.set_xlabel("k (token position after the augmentation)")
     ax.set_ylabel("perplexity of the k-th token")
-    ax.set_title(f"ppl at k ({results['models'][0]['n_sites']} sites)")
+    boot = results.get("bootstrap")
+    bands = f"; bands: {100 * boot['level']:g}% bootstrap intervals" if boot else ""
+    ax.set_title(f"ppl at k ({results['models'][0]['n_sites']} sites{bands})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -33,3 +38,11 @@ def plot_ppl_at_k(results: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _band(ax: Any, ks: list[int], ci: list[list[float]] | None, color: str, hatch: str | None = None) -> None:
+    """Shade `[low, high]` per k (nothing for results without intervals)."""
+    if ci is None:
+        return
+    low, high = zip(*ci, strict=True)
+    ax.fill_between(ks, low, high, color=color, alpha=0.15, hatch=hatch, linewidth=0)

@@ -3,7 +3,8 @@
 For a site p in a validation document, the model augments at p (Base pass on x[0..p],
 Coprocessor, N_L latents) and then reads x[p+1 .. p+k-1]; the k-th token's NLL is
 -log p(x[p+k]). ppl@k = exp(mean NLL over sites), for k = 1..K, next to the Base alone
-on the same contexts and the relative reduction 100·(ppl_base − ppl)/ppl_base.
+on the same contexts and the relative reduction 100·(ppl_base − ppl)/ppl_base, each with
+a paired percentile-bootstrap interval over sites (`pipeline.eval.bootstrap`).
 
 Every site is scored inside its own document (no packing neighbours), so its context
 is exactly x[0..p] of that document, and one dump line can be re-scored on its own.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.eval.bootstrap import paired_ppl_bootstrap
 from pipeline.eval.models import EvalModel
 
 log = logging.getLogger(__name__)
@@ -44,10 +46,18 @@ class PplConfig:
     """Rows per forward; a row is one document (prefix) with up to `sites_per_row` sites."""
     sites_per_row: int = 16
     """Sites scored in one row (bounds the decode pass: sites_per_row · (N_L + K) queries)."""
+    n_resamples: int = 1000
+    """Bootstrap resamples of the sites for the intervals (`pipeline.eval.bootstrap`)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap resampling (independent of `seed`, the site sampling)."""
+    level: float = 0.95
+    """Coverage of the percentile intervals."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.batch_size < 1 or self.sites_per_row < 1 or self.min_context < 1:
             raise PipelineError("k, batch_size, sites_per_row and min_context must be >= 1")
+        if self.n_resamples < 1 or not 0.0 < self.level < 1.0:
+            raise PipelineError("n_resamples must be >= 1 (e.g. --bootstrap 1000) and level in (0, 1)")
         if self.sites_per_doc is not None and self.sites_per_doc < 1:
             raise PipelineError("sites_per_doc must be >= 1 (or None for every position)")
 
@@ -160,16 +170,40 @@ def ppl_per_k(nll: np.ndarray) -> list[float]:
     return [float(math.exp(x)) for x in nll.astype(np.float64).mean(axis=0)]
 
 
-def summarize(model: EvalModel, nll: np.ndarray, nll_base: np.ndarray) -> dict[str, Any]:
+def bootstrap_settings(cfg: PplConfig) -> dict[str, Any]:
+    """The `bootstrap` entry of the results: how the intervals were drawn."""
+    return {"n_resamples": cfg.n_resamples, "level": cfg.level, "seed": cfg.bootstrap_seed}
+
+
+def _pairs(ci: np.ndarray) -> list[list[float]]:
+    return [[float(lo), float(hi)] for lo, hi in ci]
+
+
+def summarize(model: EvalModel, nll: np.ndarray, nll_base: np.ndarray, cfg: PplConfig | None = None
+              ) -> dict[str, Any]:
+    """One model's entry of the results: per-k lists, and per-k `[low, high]` intervals.
+
+    `<key>_ci` is the interval of `<key>`. A model that augments gets `ppl_ci`, `ppl_base_ci`,
+    `reduction_pct_ci`, `delta_nll` (mean NLL augmented − Base) and `delta_nll_ci`, all on the
+    same resampled sites; a plain model only `ppl_ci`.
+    """
+    cfg = cfg or PplConfig()
     ppl, base = ppl_per_k(nll), ppl_per_k(nll_base)
-    return {
+    boot = paired_ppl_bootstrap(nll, nll_base if model.augments else None, n_resamples=cfg.n_resamples,
+                                level=cfg.level, seed=cfg.bootstrap_seed)
+    out = {
         **model.describe(),
         "augments": model.augments,
         "n_sites": int(nll.shape[0]),
         "ppl": ppl,
         "ppl_base": base,
         "reduction_pct": [100.0 * (b - a) / b for a, b in zip(ppl, base, strict=True)],
+        "ppl_ci": _pairs(boot.ppl_ci),
     }
+    if model.augments:
+        out |= {"ppl_base_ci": _pairs(boot.base_ppl_ci), "reduction_pct_ci": _pairs(boot.reduction_pct_ci),
+                "delta_nll": [float(x) for x in boot.delta_nll], "delta_nll_ci": _pairs(boot.delta_nll_ci)}
+    return out
 
 
 def table_positions(k: int, extra: Iterable[int] = ()) -> list[int]:
@@ -179,7 +213,16 @@ def table_positions(k: int, extra: Iterable[int] = ()) -> list[int]:
     return sorted(pos)
 
 
+def _with_ci(value: float, m: dict[str, Any], key: str, i: int, fmt: str) -> str:
+    """`value [low, high]` when the model has `<key>_ci` (older results have none)."""
+    ci = m.get(f"{key}_ci")
+    if ci is None:
+        return format(value, fmt)
+    return f"{value:{fmt}} [{ci[i][0]:{fmt}}, {ci[i][1]:{fmt}}]"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
+    """ppl, Base ppl and Δ% (the reduction) per model at `table_positions`, with intervals."""
     models = results["models"]
     k = results["k"]
     rows = table_positions(k, [m["n_ahead"] for m in models])
@@ -191,8 +234,14 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells = [str(pos)]
         for m in models:
             i = pos - 1
-            cells += [f"{m['ppl'][i]:.3f}", f"{m['ppl_base'][i]:.3f}", f"{m['reduction_pct'][i]:+.2f}"]
+            cells += [_with_ci(m["ppl"][i], m, "ppl", i, ".3f"), _with_ci(m["ppl_base"][i], m, "ppl_base", i, ".3f"),
+                      _with_ci(m["reduction_pct"][i], m, "reduction_pct", i, "+.2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    boot = results.get("bootstrap")
+    if boot is not None:
+        lines += ["", f"[low, high]: {100 * boot['level']:g}% percentile bootstrap over the {results['n_sites']} "
+                  f"sites ({boot['n_resamples']} resamples, seed {boot['seed']}; Base and augmented on the same "
+                  "resamples; sites of one document are correlated, so the intervals are somewhat optimistic)."]
     return "\n".join(lines) + "\n"
 
 

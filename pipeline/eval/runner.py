@@ -101,11 +101,12 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
             with _shown(bar, len(plan), f"{m.name} base alone") as progress:
                 nll_base = pk.score_plan(m, docs, plan, cfg, augment=False, pad_id=manifest.eos_id,
                                          progress=progress)
-        summaries.append(pk.summarize(m, nll, nll_base))
+        summaries.append(pk.summarize(m, nll, nll_base, cfg))
         dumps.append((m.name, nll, nll_base if m.augments else None))
     results = {
         "task": "ppl_at_k", "k": cfg.k, "data": str(data), "n_documents": len(docs),
-        "n_sites": len(plan), "sites_per_doc": cfg.sites_per_doc, "seed": cfg.seed, "models": summaries,
+        "n_sites": len(plan), "sites_per_doc": cfg.sites_per_doc, "seed": cfg.seed,
+        "bootstrap": pk.bootstrap_settings(cfg), "models": summaries,
     }
     files = write_results(results, out, "ppl_at_k", pk.markdown_table(results))
     files.append(plot_ppl_at_k(results, Path(out) / "ppl_at_k.png"))

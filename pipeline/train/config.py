@@ -92,6 +92,8 @@ class TrackingSection:
     """MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else a sqlite store in output_dir."""
     experiment: str = "latent-pipeline"
     run_name: str = ""
+    parent_run_id: str = ""
+    """Make this run a child of that MLflow run (a recipe's parent run groups its stages)."""
 
 
 @dataclasses.dataclass

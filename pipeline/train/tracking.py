@@ -54,7 +54,8 @@ class Tracker:
             self._mlflow = mlflow
             mlflow.set_tracking_uri(uri)
             mlflow.set_experiment(cfg.experiment)
-            self.run = mlflow.start_run(run_name=cfg.run_name or None)
+            tags = {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else None
+            self.run = mlflow.start_run(run_name=cfg.run_name or None, tags=tags)
             self.active = True
             log.info("MLflow run %s at %s", self.run.info.run_id, uri)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking server
@@ -91,6 +92,44 @@ class Tracker:
 
     def finish(self) -> None:
         self._call("end_run", self._mlflow.end_run if self.active else None)
+
+
+def start_parent_run(uri: str, experiment: str, name: str, params: dict[str, Any]) -> str | None:
+    """Create a run that groups a recipe's stage runs (they name it as `tracking.parent_run_id`);
+    its id, or None (with a warning) when tracking is unavailable."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(exp_id, run_name=name)
+        flat = _flatten(params)
+        for key, value in flat.items():
+            client.log_param(run.info.run_id, key, value)
+        return run.info.run_id
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow at %s is unavailable for the parent run (%s); stages log on their own", uri, exc)
+        return None
+
+
+def finish_run(uri: str, run_id: str | None, metrics: dict[str, float] | None = None,
+               paths: list[Path] = ()) -> None:
+    """Log final metrics and files to a run created by `start_parent_run`, and close it."""
+    if not run_id:
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        for key, value in (metrics or {}).items():
+            client.log_metric(run_id, key, value)
+        for path in paths:
+            if Path(path).exists():
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not finish MLflow run %s (%s)", run_id, exc)
 
 
 def log_artifacts_to_run(uri: str, run_id: str | None, paths: list[Path]) -> None:

@@ -14,6 +14,7 @@ import torch
 from pipeline.dual import load_dual
 from pipeline.errors import PipelineError
 from pipeline.eval import ppl as pk
+from pipeline.eval.bootstrap import paired_ppl_bootstrap
 from pipeline.eval.models import load_eval_model
 from pipeline.eval.runner import run_ppl_at_k
 from pipeline.models import from_pretrained
@@ -47,6 +48,10 @@ def test_no_augmentation_equals_per_position_perplexity(exports, shard_dir, tmp_
     assert got["n_sites"] == len(per_k[0])
     np.testing.assert_allclose(got["ppl"], want, rtol=1e-5)
     assert got["ppl_base"] == got["ppl"] and all(r == 0 for r in got["reduction_pct"])
+    # a plain model: intervals of its ppl only, around the point estimate
+    assert res["bootstrap"] == {"n_resamples": 1000, "level": 0.95, "seed": 0}
+    assert all(lo < p < hi for p, (lo, hi) in zip(got["ppl"], got["ppl_ci"], strict=True))
+    assert "reduction_pct_ci" not in got and "delta_nll" not in got
 
 
 @pytest.mark.parametrize("variant", ["liu", "h1"])
@@ -54,7 +59,7 @@ def test_dump_rescored_by_the_dual_scorer(variant, exports, shard_dir, tmp_path)
     dump = tmp_path / "sites.jsonl"
     rc = evaluate_cli.main(["ppl-at-k", "--model", str(exports[variant]), "--k", str(K), "--limit", "5",
                             "--sites-per-doc", "3", "--out", str(tmp_path / "out"), "--dump", str(dump),
-                            "--device", "cpu"])
+                            "--device", "cpu", "--bootstrap", "200", "--bootstrap-seed", "4"])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "ppl_at_k.json").read_text())
     assert (tmp_path / "out" / "ppl_at_k.png").stat().st_size > 1000
@@ -82,6 +87,14 @@ def test_dump_rescored_by_the_dual_scorer(variant, exports, shard_dir, tmp_path)
     red = 100 * (np.array(m["ppl_base"]) - m["ppl"]) / np.array(m["ppl_base"])
     np.testing.assert_allclose(m["reduction_pct"], red, rtol=1e-6)
     assert m["ppl"] != m["ppl_base"]  # the augmentation changes predictions
+    # the intervals are the paired bootstrap of exactly these per-site NLLs
+    assert res["bootstrap"] == {"n_resamples": 200, "level": 0.95, "seed": 4}
+    boot = paired_ppl_bootstrap(np.array(nll_all), np.array(base_all), n_resamples=200, seed=4)
+    for key, want in [("ppl_ci", boot.ppl_ci), ("ppl_base_ci", boot.base_ppl_ci), ("delta_nll", boot.delta_nll),
+                      ("reduction_pct_ci", boot.reduction_pct_ci), ("delta_nll_ci", boot.delta_nll_ci)]:
+        np.testing.assert_allclose(m[key], want, rtol=1e-9, atol=1e-12, err_msg=key)
+    for key in ("ppl", "ppl_base", "reduction_pct"):
+        assert all(lo <= x <= hi for x, (lo, hi) in zip(m[key], m[f"{key}_ci"], strict=True)), key
 
 
 def test_several_models_share_sites_and_plot(exports, shard_dir, tmp_path):
@@ -94,6 +107,17 @@ def test_several_models_share_sites_and_plot(exports, shard_dir, tmp_path):
     np.testing.assert_allclose(res["models"][0]["ppl_base"], res["models"][1]["ppl"], rtol=1e-5)
     md = (tmp_path / "ppl_at_k.md").read_text()
     assert "| 4 |" in md and "liu Δ%" in md
+    # intervals in the table: liu's three columns, hf_base's ppl only (no Base of its own)
+    liu, hf = res["models"]
+    row = next(line for line in md.splitlines() if line.startswith("| 4 |")).split(" | ")
+    assert row[1] == f"{liu['ppl'][3]:.3f} [{liu['ppl_ci'][3][0]:.3f}, {liu['ppl_ci'][3][1]:.3f}]"
+    lo, hi = liu["reduction_pct_ci"][3]
+    assert row[3] == f"{liu['reduction_pct'][3]:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    assert row[4].endswith("]") and "[" not in row[5] + row[6]
+    assert "95% percentile bootstrap" in md
+    # results without intervals (older JSON) still render
+    old = {**res, "models": [{k: v for k, v in m.items() if not k.endswith("_ci")} for m in res["models"]]}
+    assert "[" not in pk.markdown_table({k: v for k, v in old.items() if k != "bootstrap"})
 
 
 def test_site_plan_is_seeded_and_respects_limits():

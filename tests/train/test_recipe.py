@@ -1,0 +1,65 @@
+"""The comparison recipe end to end at a micro size: every variant from one Base, a table
+with a row each, one MLflow parent run over child runs, and a rerun that reuses it all."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # conftest importable by the spawned ranks
+
+from pipeline.recipe import COMPARE_VARIANTS  # noqa: E402
+from pipeline.train.testing import run_distributed  # noqa: E402
+
+
+def _compare(root: Path, data: Path) -> dict:
+    from conftest import cpu_ds_config
+
+    from pipeline.recipe import run_compare
+
+    res = run_compare(cpu_ds_config(), root=root, data=str(data), steps=3, base_steps=4)
+    return {"table": res.table, "n_sites": res.n_sites}
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory, corpus_dir):
+    root = tmp_path_factory.mktemp("compare")
+    first = run_distributed(_compare, root, corpus_dir, world_size=2)[0]
+    mtimes = {v: (root / "compare" / v / "export" / "pipeline.json").stat().st_mtime for v in COMPARE_VARIANTS}
+    again = run_distributed(_compare, root, corpus_dir, world_size=2)[0]
+    return {"root": root, "first": first, "again": again, "mtimes": mtimes}
+
+
+def test_compare_table_has_every_variant(compare):
+    table = compare["first"]["table"]
+    for variant in COMPARE_VARIANTS:
+        assert f"| {variant} |" in table
+    rows = json.loads((compare["root"] / "compare" / "compare.json").read_text())
+    assert [r["variant"] for r in rows] == list(COMPARE_VARIANTS)
+    for r in rows:
+        assert len(r["ppl"]) == 4 and all(lo <= p <= hi for p, (lo, hi) in zip(r["ppl"], r["ppl_ci"], strict=True))
+        if r["variant"] != "continued_pretraining":
+            assert all(lo <= d <= hi for d, (lo, hi) in zip(r["delta_vs_cp"], r["delta_vs_cp_ci"], strict=True))
+    assert (compare["root"] / "compare" / "validation_ppl.png").stat().st_size > 0
+
+
+def test_compare_rerun_reuses_finished_variants(compare):
+    root = compare["root"]
+    for variant, mtime in compare["mtimes"].items():
+        assert (root / "compare" / variant / "export" / "pipeline.json").stat().st_mtime == mtime
+    assert compare["again"]["table"] == compare["first"]["table"]
+
+
+def test_compare_logs_one_parent_run_with_a_child_per_variant(compare):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{compare['root'].resolve()}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.info.run_name == "compare"]
+    assert len(parents) == 2  # one per invocation
+    first = min(parents, key=lambda r: r.info.start_time)
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
+    assert children == {f"compare-{v}" for v in COMPARE_VARIANTS}
