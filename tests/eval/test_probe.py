@@ -1,0 +1,59 @@
+"""The latent probe: its rows are the model's own scores, its oracle uses the true tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import PipelineError
+from pipeline.eval.probe import markdown, probe
+
+from .conftest import EOS, tiny_dual
+
+
+def _batch(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 1000, (3, 48), generator=g)
+    x[:, 0] = EOS
+    return x
+
+
+@pytest.mark.parametrize("variant", ["liu", "pause"])
+def test_probe_rows_are_the_models_own_scores(variant):
+    dual = tiny_dual(variant)
+    x = _batch()
+    r = probe(dual, x, seed=0)
+    sites = dual.sample_sites(x, torch.Generator().manual_seed(0))
+    k = dual.config.n_ahead
+    with torch.no_grad():
+        aug = dual.score_sites(x, sites, k=k).mean((0, 1))
+        base = dual.score_sites(x, sites, k=k, augment=False).mean((0, 1))
+    torch.testing.assert_close(torch.tensor(r["nll_per_k"]["learned latents"]), aug, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(r["nll_per_k"]["base alone"]), base, rtol=1e-5, atol=1e-5)
+    assert set(r["grad_norm"]) == ({"coprocessor", "soft_tokens"} if variant == "liu" else {"soft_tokens"})
+    assert all(v > 0 for v in r["grad_norm"].values())
+    assert "| oracle: true next tokens |" in markdown(r)
+
+
+def test_probe_oracle_feeds_the_true_next_tokens():
+    """Oracle latents are the embeddings of x[p+1 .. p+N_L]: decoding with them by hand agrees."""
+    dual = tiny_dual("liu").eval()
+    x = _batch(1)
+    r = probe(dual, x, seed=3)
+    sites = dual.sample_sites(x, torch.Generator().manual_seed(3))
+    n_l, n_a = dual.config.n_latents, dual.config.n_ahead
+    with torch.no_grad():
+        cache = dual.base(x, return_kv=True, return_logits=False).kv
+        truth = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_l)).flatten(1)).view(*sites.shape, n_l)
+        latents = dual.base.transformer.wte.weight[truth]
+        logits = dual.decode_logits(x, sites, n_a, cache, latents, None)
+        targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_a)).flatten(1))
+        nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(*sites.shape, n_a)
+    torch.testing.assert_close(torch.tensor(r["nll_per_k"]["oracle: true next tokens"]), nll.mean((0, 1)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_probe_refuses_a_model_without_latents():
+    with pytest.raises(PipelineError, match="latents"):
+        probe(tiny_dual("continued_pretraining"), _batch())
