@@ -5,8 +5,9 @@
     python launchers/evaluate.py mc --model DIR --task hellaswag=hellaswag_val.jsonl \
         --task arc_easy=ARC-Easy-Test.jsonl [--tokenizer TOK] --out eval/
     python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
+    python launchers/evaluate.py diagnostics --model DIR [--data DIR | --task T --task-file F] --out eval/
 
-Results go to OUT/<task>.json and .md (ppl-at-k also OUT/ppl_at_k.png), and to MLflow
+Results go to OUT/<task>.json and .md (plus PNGs for ppl-at-k and diagnostics), and to MLflow
 with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
 """
 
@@ -52,6 +53,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     gs.add_argument("--seed", type=int, default=0)
     gs.add_argument("--max-new-tokens", type=int, default=256)
     gs.add_argument("--tokenizer")
+    dg = sub.add_parser("diagnostics", parents=[common], help="latent cross-capture H, H_off, silhouette")
+    dg.add_argument("--data", help="data-prep dir (default: run_config.data.path of pipeline.json)")
+    dg.add_argument("--task", help="gsm8k, prosqa or countdown, with --task-file (instead of --data)")
+    dg.add_argument("--task-file", help="task examples (JSON list): one site at each question's end")
+    dg.add_argument("--sites", type=int, default=256, help="sites n sampled from --data (default 256)")
+    dg.add_argument("--tau", type=float, default=0.97, help="variance of each latent's PCA subspace")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--dump-latents", dest="dump", metavar="F.npz", help="save the collected latents")
+    dg.add_argument("--tokenizer")
     return p.parse_args(argv)
 
 
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.eval.ppl import PplConfig
         from pipeline.progress import Progress
 
-        unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions"}[args.cmd]
+        unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions", "diagnostics": "sites"}[args.cmd]
 
         def bar(total: int, desc: str) -> Progress:  # the runner updates it and closes it
             return Progress(total, f"{desc} ({unit})")
@@ -84,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             res = runner.run_mc(models, tasks, out=args.out, tokenizer=args.tokenizer, limit=args.limit,
                                 batch_size=args.batch_size or 16, **log)
             stem = "multiple_choice"
+        elif args.cmd == "diagnostics":
+            res = runner.run_diagnostics(models, out=args.out, data=args.data, task=args.task, task_file=args.task_file,
+                                         tokenizer=args.tokenizer, limit=args.limit, sites=args.sites, tau=args.tau,
+                                         seed=args.seed, batch_size=args.batch_size or 8, dump_latents=args.dump, **log)
+            stem = "diagnostics"
         else:
             res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,
                                    tokenizer=args.tokenizer, shots=args.shots, seed=args.seed, limit=args.limit,

@@ -12,14 +12,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.eval import diagnostics as dg
 from pipeline.eval import gsm8k as g8
 from pipeline.eval import multiple_choice as mc
 from pipeline.eval import ppl as pk
 from pipeline.eval.models import EvalModel, load_eval_model, resolve_tokenizer, unique_names
-from pipeline.eval.plots import plot_ppl_at_k
+from pipeline.eval.plots import plot_cross_capture, plot_ppl_at_k, plot_silhouettes
 from pipeline.eval.report import log_mlflow, write_results
 
 Bar = Callable[[int, str], Any]
@@ -70,20 +72,20 @@ def load_models(paths: list[str], *, device: str, dtype: str = "float32") -> lis
     return models
 
 
-def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None = None,
-                 cfg: pk.PplConfig | None = None, limit: int | None = None, dump: str | None = None,
-                 mlflow_run: str | None = None, mlflow_experiment: str | None = None,
-                 bar: Bar = _no_bar) -> dict[str, Any]:
-    """ppl of the k-th token after augmentation for each model, on the same sites."""
-    cfg = cfg or pk.PplConfig()
-    if data is None:
-        paths = {m.data_path() for m in models} - {None}
-        if not paths:
-            raise PipelineError("no --data given and no model's pipeline.json records run_config.data.path")
-        if len(paths) > 1:
-            raise PipelineError(f"the models trained on different data ({', '.join(sorted(paths))}); pass --data")
-        data = paths.pop()
-    docs = pk.load_documents(data, limit=limit)
+def _data_of(models: list[EvalModel], data: str | None) -> str:
+    """`--data`, else the one shard directory every model's pipeline.json records."""
+    if data is not None:
+        return data
+    paths = {m.data_path() for m in models} - {None}
+    if not paths:
+        raise PipelineError("no --data given and no model's pipeline.json records run_config.data.path")
+    if len(paths) > 1:
+        raise PipelineError(f"the models trained on different data ({', '.join(sorted(paths))}); pass --data")
+    return paths.pop()
+
+
+def _manifest_for(models: list[EvalModel], data: str) -> Any:
+    """The shard directory's manifest, once its token ids are known to fit every model."""
     from pipeline.data.shards import load_manifest
 
     manifest = load_manifest(data)
@@ -91,6 +93,18 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
         if manifest.vocab_size > m.dual.base.config.vocab_size:
             raise PipelineError(f"{data}: vocab {manifest.vocab_size} exceeds model {m.name}'s "
                                 f"{m.dual.base.config.vocab_size}")
+    return manifest
+
+
+def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None = None,
+                 cfg: pk.PplConfig | None = None, limit: int | None = None, dump: str | None = None,
+                 mlflow_run: str | None = None, mlflow_experiment: str | None = None,
+                 bar: Bar = _no_bar) -> dict[str, Any]:
+    """ppl of the k-th token after augmentation for each model, on the same sites."""
+    cfg = cfg or pk.PplConfig()
+    data = _data_of(models, data)
+    docs = pk.load_documents(data, limit=limit)
+    manifest = _manifest_for(models, data)
     plan = pk.plan_sites(docs, cfg, min(m.last_site(cfg.k) for m in models))
     summaries, dumps = [], []
     for m in models:
@@ -176,3 +190,84 @@ def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train
                run_id=mlflow_run, experiment=mlflow_experiment)
     return results
 
+
+Rows = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _task_rows(models: list[EvalModel], task: str, task_file: str, tokenizer: str | None, limit: int | None,
+               last: int) -> tuple[Rows, int, np.ndarray, dict[str, Any]]:
+    """One row per example (its prompt, the site at the prompt's last token); pad id; sites; source."""
+    from pipeline.tasks.format import TASKS, prompt_text
+    from pipeline.tasks.schema import load_examples, task_of
+
+    if task not in TASKS:
+        raise PipelineError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
+    examples = load_examples(task_file)[:limit]
+    found = sorted({task_of(ex) for ex in examples})
+    if found != [task]:
+        raise PipelineError(f"{task_file}: expected {task} examples, found {', '.join(found) or 'none'}")
+    tok = resolve_tokenizer(models, tokenizer)
+    rows = dg.prompt_rows(tok.encode_batch([prompt_text(ex) for ex in examples]), last)
+    sites = np.array([[i, int(s[0])] for i, (_, s) in enumerate(rows)])
+    source = {"kind": "task", "task": task, "file": str(task_file), "n_examples": len(examples),
+              "site": "last token of the tokenized prompt (question + newline)"}
+    return rows, tok.eos_id, sites, source
+
+
+def _shard_rows(models: list[EvalModel], data: str | None, cfg: dg.DiagnosticsConfig, limit: int | None,
+                k: int, last: int) -> tuple[Rows, int, np.ndarray, dict[str, Any]]:
+    """Seeded sites per held-out document, one row per document; pad id; sites; source."""
+    data = _data_of(models, data)
+    manifest = _manifest_for(models, data)
+    docs = pk.load_documents(data, limit=limit)
+    plan = dg.plan_pretraining_sites(docs, cfg.sites, k, last, cfg.seed)
+    source = {"kind": "pretraining", "data": str(data), "split": "validation", "n_documents": len(docs),
+              "site": f"sampled per document (seed {cfg.seed}) with its {k} next tokens inside the document"}
+    return dg.plan_rows(docs, plan), manifest.eos_id, np.stack([plan.doc, plan.site], axis=1), source
+
+
+def run_diagnostics(models: list[EvalModel], *, out: str | Path, data: str | None = None, task: str | None = None,
+                    task_file: str | None = None, tokenizer: str | None = None, limit: int | None = None,
+                    sites: int = 256, tau: float = 0.97, seed: int = 0, batch_size: int = 8,
+                    max_points: int = 10_000, dump_latents: str | None = None, mlflow_run: str | None = None,
+                    mlflow_experiment: str | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
+    """Latent cross-capture H, H_off and silhouettes of each model (`pipeline.eval.diagnostics`),
+    all on the same sites: seeded per document of held-out shards (`data`, default the models'
+    training data), or one per example of a task file at the question's end (`task`, `task_file`).
+    `sites`, `tau`, `seed`, `batch_size`, `max_points`: `diagnostics.DiagnosticsConfig`.
+
+    Writes OUT/diagnostics.{json,md}, OUT/cross_capture.png, OUT/silhouette.png, and with
+    `dump_latents` an .npz of the collected latents (`diagnostics.load_latents` reads it).
+    """
+    cfg = dg.DiagnosticsConfig(tau=tau, sites=sites, seed=seed, batch_size=batch_size, max_points=max_points)
+    for m in models:
+        dg.check_latent_model(m)
+    if (task is None) != (task_file is None):
+        raise PipelineError("give --task and --task-file together (e.g. --task prosqa --task-file test.json)")
+    if task is not None and data is not None:
+        raise PipelineError("give either --data (pretraining shards) or --task with --task-file, not both")
+    k, last = dg.last_site(models)
+    rows, pad_id, at, source = (_task_rows(models, task, task_file, tokenizer, limit, last) if task
+                                else _shard_rows(models, data, cfg, limit, k, last))
+    latents, summaries = {}, []
+    for m in models:
+        with _shown(bar, len(at), f"{m.name} latents") as progress:
+            latents[m.name] = dg.collect_latents(m, rows, batch_size=cfg.batch_size, pad_id=pad_id,
+                                                 progress=progress)
+        summaries.append(dg.summarize(m, latents[m.name], cfg))
+    results = {"task": "latent_diagnostics", "source": source, "n_sites": len(at), "tau": cfg.tau,
+               "seed": cfg.seed, "centring": dg.CENTRING, "paper_000": dg.PAPER_000, "models": summaries}
+    files = write_results(results, out, "diagnostics", dg.markdown_table(results))
+    files.append(plot_cross_capture(results, Path(out) / "cross_capture.png"))
+    files.append(plot_silhouettes(results, Path(out) / "silhouette.png"))
+    if dump_latents:
+        dg.save_latents(dump_latents, latents, at)
+    metrics = [(f"diagnostics/{s['name']}/{key}", s[key], None) for s in summaries
+               for key in ("H_off", "silhouette") if s[key] is not None]
+    metrics += [(f"diagnostics/{s['name']}/silhouette_per_latent", v, i + 1) for s in summaries
+                for i, v in enumerate(s["silhouette_per_latent"] or [])]
+    log_mlflow(metrics, files, run_id=mlflow_run, experiment=mlflow_experiment,
+               params={"eval.diagnostics.source": source.get("data") or source.get("file"),
+                       "eval.diagnostics.sites": len(at), "eval.diagnostics.tau": cfg.tau})
+    results["files"] = [str(f) for f in files]
+    return results
