@@ -6,6 +6,7 @@
         --task arc_easy=ARC-Easy-Test.jsonl [--tokenizer TOK] --out eval/
     python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
     python launchers/evaluate.py diagnostics --model DIR [--data DIR | --task T --task-file F] --out eval/
+    python launchers/evaluate.py probe --model DIR [--sequences 64] --out eval/   # why latents (don't) help
 
 Results go to OUT/<task>.json and .md (plus PNGs for ppl-at-k and diagnostics), and to MLflow
 with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
@@ -62,6 +63,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     dg.add_argument("--seed", type=int, default=0)
     dg.add_argument("--dump-latents", dest="dump", metavar="F.npz", help="save the collected latents")
     dg.add_argument("--tokenizer")
+    pr = sub.add_parser("probe", parents=[common], help="latent scales, gradients per group, oracle ablations")
+    pr.add_argument("--data", help="data-prep dir (default: run_config.data.path of pipeline.json)")
+    pr.add_argument("--sequences", type=int, default=64, help="held-out sequences (default 64)")
+    pr.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.eval.ppl import PplConfig
         from pipeline.progress import Progress
 
-        unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions", "diagnostics": "sites"}[args.cmd]
+        unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions", "diagnostics": "sites",
+                "probe": "models"}[args.cmd]
 
         def bar(total: int, desc: str) -> Progress:  # the runner updates it and closes it
             return Progress(total, f"{desc} ({unit})")
@@ -99,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                                          tokenizer=args.tokenizer, limit=args.limit, sites=args.sites, tau=args.tau,
                                          seed=args.seed, batch_size=args.batch_size or 8, dump_latents=args.dump, **log)
             stem = "diagnostics"
+        elif args.cmd == "probe":
+            res = runner.run_probe(models, out=args.out, data=args.data, sequences=args.sequences, seed=args.seed,
+                                   **log)
+            stem = "probe"
         else:
             res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,
                                    tokenizer=args.tokenizer, shots=args.shots, seed=args.seed, limit=args.limit,

@@ -271,3 +271,30 @@ def run_diagnostics(models: list[EvalModel], *, out: str | Path, data: str | Non
                        "eval.diagnostics.sites": len(at), "eval.diagnostics.tau": cfg.tau})
     results["files"] = [str(f) for f in files]
     return results
+
+
+def run_probe(models: list[EvalModel], *, out: str | Path, data: str | None = None, sequences: int = 64,
+              seed: int = 0, mlflow_run: str | None = None, mlflow_experiment: str | None = None,
+              bar: Bar = _no_bar) -> dict[str, Any]:
+    """`pipeline.eval.probe` for each model on the first held-out sequences of its run's length."""
+    from pipeline.eval import probe as pr
+    from pipeline.train.data import PackedSequences
+
+    data = _data_of(models, data)
+    manifest = _manifest_for(models, data)
+    table, text = {}, []
+    for m in models:
+        seq_len = int(((m.meta or {}).get("run_config") or {}).get("data", {}).get("seq_len", 64))
+        val = PackedSequences(manifest, "validation", seq_len)
+        x = val.batch(list(range(min(sequences, len(val))))).to(m.device)
+        with _shown(bar, 1, f"{m.name} probe") as progress:
+            table[m.name] = pr.probe(m.dual.float(), x, seed=seed)
+            progress(1, 1)
+        text.append(f"## {m.name}\n\n{pr.markdown(table[m.name])}")
+    results = {"task": "probe", "data": data, "sequences": sequences, "seed": seed, "models": table}
+    files = write_results(results, out, "probe", "\n".join(text))
+    metrics = [(f"probe/{name}/{row}", value, None) for name, r in table.items()
+               for row, value in r["delta_vs_base"].items()]
+    log_mlflow([(k.replace(" ", "_").replace(":", ""), v, s) for k, v, s in metrics], files,
+               run_id=mlflow_run, experiment=mlflow_experiment)
+    return results

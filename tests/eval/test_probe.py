@@ -57,3 +57,18 @@ def test_probe_oracle_feeds_the_true_next_tokens():
 def test_probe_refuses_a_model_without_latents():
     with pytest.raises(PipelineError, match="latents"):
         probe(tiny_dual("continued_pretraining"), _batch())
+
+
+def test_probe_cli_writes_json_and_table(exports, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("evaluate", Path(__file__).parents[2] / "launchers" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    assert evaluate.main(["probe", "--model", str(exports["liu"]), "--sequences", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "probe.json").read_text())
+    rows = next(iter(result["models"].values()))["nll_per_k"]
+    assert {"base alone", "learned latents", "oracle: true next tokens"} <= set(rows)
+    assert "oracle: true next tokens" in capsys.readouterr().out
