@@ -68,7 +68,8 @@ class TrainResult:
     """The DeepSpeed engine (for tests and tools that inspect optimizer state)."""
 
 
-def resolve_ds_config(ds_config: dict[str, Any], max_steps: int, world: int, device: torch.device) -> dict[str, Any]:
+def resolve_ds_config(ds_config: dict[str, Any], max_steps: int, world: int, device: torch.device, *,
+                      warn: bool = True) -> dict[str, Any]:
     """Check the DeepSpeed config against the run and fill in what follows from it.
 
     On a machine without a GPU, a GPU config (bf16/fp16, DeepSpeed's compiled Adam) runs
@@ -102,7 +103,7 @@ def resolve_ds_config(ds_config: dict[str, Any], max_steps: int, world: int, dev
         if opt.get("type", "").lower() in ("adam", "adamw") and not opt.get("params", {}).get("torch_adam"):
             opt.setdefault("params", {})["torch_adam"] = True
             changed.append("torch AdamW instead of DeepSpeed's compiled Adam")
-        if changed:
+        if changed and warn:
             log.warning("no GPU: running this DeepSpeed config on CPU with %s (ds_configs/zero2_cpu.json "
                         "is the CPU config)", ", ".join(changed))
     return ds
@@ -118,7 +119,7 @@ def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     loop = task.config.train
-    ds = resolve_ds_config(ds_config, loop.max_steps, world, device)
+    ds = resolve_ds_config(ds_config, loop.max_steps, world, device, warn=rank == 0)
     layout = BatchLayout(ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1), world,
                          rank, device)
     model = task.build(layout)

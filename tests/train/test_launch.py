@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train.config import PRESET_DIR, TrainConfig, load_config
+from pipeline.train.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launchers"))
@@ -88,13 +89,13 @@ def test_export_cli_errors(tmp_path, capsys):
 
 
 def test_deepspeed_launch_sigterm_checkpoints_then_exports(tmp_path, corpus_dir):
-    """The mission's own command, `deepspeed launchers/pretrain.py --ds_config ds_configs/zero2.json`,
-    on a machine without a GPU (~25 s of start-up): it trains in fp32 after one warning line;
-    SIGTERM mid-run ends it with a checkpoint; export.py turns that into a loadable model."""
+    """One real `deepspeed --num_gpus 2` launch (~25 s of start-up) of the GPU config on a machine
+    without a GPU: it trains in fp32 after one warning line; SIGTERM mid-run ends it with a
+    checkpoint at a step both ranks agree on; export.py turns that into a loadable model."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        ["deepspeed", "launchers/pretrain.py", "--ds_config", "ds_configs/zero2.json",
+        ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launchers/pretrain.py", "--ds_config", "ds_configs/zero2.json",
          "--config", "tiny-liu", f"data.path={corpus_dir}", f"train.output_dir={out}",
          "train.max_steps=100000", "tracking.enabled=false", "train.eval_every=0"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -124,3 +125,18 @@ def test_deepspeed_launch_sigterm_checkpoints_then_exports(tmp_path, corpus_dir)
 
     dual = load_dual(tmp_path / "export")
     assert dual.config.variant == "liu"
+
+
+def test_the_documented_command_runs_a_few_steps_on_cpu(tmp_path, corpus_dir):
+    """Exactly what users type, `deepspeed launchers/pretrain.py --ds_config ds_configs/zero2.json`
+    (on CPU DeepSpeed starts one rank per NUMA node), to the end: steps, export, summary line."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["deepspeed", "--master_port", str(free_port()), "launchers/pretrain.py", "--ds_config",
+         "ds_configs/zero2.json", "--config", "tiny-liu",
+         f"data.path={corpus_dir}", f"train.output_dir={out}", "train.max_steps=3", "tracking.enabled=false"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "step 3/3, val loss" in log and (out / "export" / "pipeline.json").is_file()
+    assert sum("no GPU: running this DeepSpeed config on CPU" in line for line in log.splitlines()) >= 1
