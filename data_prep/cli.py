@@ -1,6 +1,7 @@
-"""`data-prep` / `python -m data_prep`: corpora -> tokenizer -> Megatron token shards.
+"""`data-prep` / `python -m data_prep`: corpora -> tokenizer -> Megatron token shards; task data.
 
-A thin layer over `pipeline.data`: parse arguments, call the library, print for people.
+A thin layer over `pipeline.data` and `pipeline.tasks`: parse arguments, call the library,
+print for people.
 Problems a user can fix end as `error: <message>` on stderr and exit status 2.
 """
 
@@ -20,6 +21,11 @@ examples:
       --output runs/data/gpt2
   data-prep verify runs/data/gpt2
   data-prep inspect runs/data/gpt2
+reasoning tasks (Coconut's JSON schema):
+  data-prep tasks gsm8k --split valid --output runs/tasks/gsm8k-valid.json
+  data-prep tasks prosqa --preset full --output runs/tasks/prosqa-train.json
+  data-prep tasks prosqa --stats
+  data-prep tasks countdown --operands 4 --split eval --output runs/tasks/countdown4-eval.json
 scale-out (N machines, each with its own I):
   data-prep build ... --output runs/data/big --partition I/N
   data-prep merge-manifests runs/data/big
@@ -105,7 +111,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="re-read every shard; check index, data and checksums")
     ver.add_argument("dir", metavar="DIR")
+    _add_task_parsers(sub)
     return parser
+
+
+def _add_task_parsers(sub) -> None:
+    tk = sub.add_parser(
+        "tasks", help="reasoning-task data (GSM8K, ProsQA, Countdown) as Coconut-schema JSON",
+        description="Write a JSON list of {question, steps, answer, ...task fields} "
+        "(pipeline.tasks; text layout in pipeline/tasks/format.py).")
+    tsub = tk.add_subparsers(dest="task", required=True, metavar="TASK")
+
+    def common(p: argparse.ArgumentParser, output_required: bool = True) -> None:
+        p.add_argument("--output", "-o", required=output_required, metavar="F.json",
+                       help="JSON file to write (atomically; parent directories are created)")
+        p.add_argument("--seed", type=int, default=0, help="seed (default: 0); same seed, same file")
+
+    g = tsub.add_parser(
+        "gsm8k", help="GSM8K: steps = the <<...>> annotations, answer = the number after ####",
+        description="GSM8K from train.jsonl/test.jsonl. There is no official validation split: "
+        "valid is a seeded sample of --n-valid train problems and train is the rest.")
+    common(g)
+    g.add_argument("--split", default="train", choices=["train", "valid", "test"],
+                   help="default: train (the train problems not in valid)")
+    g.add_argument("--n", type=int, metavar="N", help="keep the first N examples (default: all)")
+    g.add_argument("--n-valid", type=int, default=500, help="size of the valid split (default: 500)")
+    g.add_argument("--data-dir", metavar="DIR", help="directory with train.jsonl and test.jsonl "
+                   "(default: the shared data's gsm8k/)")
+
+    p = tsub.add_parser(
+        "prosqa", help="ProsQA: official valid/test, or generated training instances",
+        description="--split valid/test copies the official file; --split train generates new "
+        "instances in the same schema and distribution (never equal to an official one). "
+        "--stats prints official vs generated statistics.")
+    common(p, output_required=False)
+    p.add_argument("--split", default="train", choices=["train", "valid", "test"],
+                   help="train: generate (default); valid/test: the official file")
+    p.add_argument("--preset", default="full", choices=["full", "mini"],
+                   help="train generator: full (matches the official files, default) or mini "
+                   "(about 10 concepts, depth 2-3, for tiny models)")
+    p.add_argument("--n", type=int, metavar="N",
+                   help="train: instances to generate (default: 17886, Coconut's train size); "
+                   "valid/test: keep the first N")
+    p.add_argument("--stats", action="store_true",
+                   help="print a markdown table: official valid/test vs generated full and mini "
+                   "samples (--stats-n each); --output is then optional")
+    p.add_argument("--stats-n", type=int, default=1000, help="generated sample size for --stats")
+    p.add_argument("--data-dir", metavar="DIR", help="directory with the official valid.json and "
+                   "test.json (default: the shared data's prosqa/)")
+
+    c = tsub.add_parser(
+        "countdown", help="Countdown: reach a target with + - * /, each operand once (solvable only)",
+        description="Operands uniform in 1-50, target uniform in 0-100; only instances an "
+        "exhaustive search proves solvable (exact rationals). train and eval come from separate "
+        "seeded streams and train excludes the eval problems.")
+    common(c)
+    c.add_argument("--split", default="train", choices=["train", "eval"],
+                   help="eval: distinct problems; train (default): independent draws, which repeat "
+                   "problems at 3 operands (only 144,848 are solvable), never an eval problem")
+    c.add_argument("--n", type=int, metavar="N", help="instances (default: 262144 train, 1024 eval)")
+    c.add_argument("--operands", type=int, default=3, choices=[3, 4, 5], help="operands per instance")
 
 
 def _bar(unit: str):
@@ -215,8 +280,68 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _first(examples: list, n: int | None) -> list:
+    if n is not None and not 0 <= n <= len(examples):
+        raise PipelineError(f"--n {n}: the split has {len(examples)} examples")
+    return examples if n is None else examples[:n]
+
+
+def _prosqa_stats(args: argparse.Namespace) -> None:
+    from pipeline.tasks import prosqa
+
+    official = {s: prosqa.load_prosqa(s, args.data_dir) for s in prosqa.OFFICIAL_SPLITS}
+    exclude = official["valid"] + official["test"]
+    columns = {f"official {s}": prosqa.prosqa_stats(ex) for s, ex in official.items()}
+    for preset in prosqa.PRESETS:
+        sample = prosqa.generate_prosqa(args.stats_n, args.seed, preset, exclude)
+        columns[f"generated {preset}"] = prosqa.prosqa_stats(sample)
+    print(prosqa.stats_table(columns))
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from pipeline.tasks import schema
+
+    t0 = time.time()
+    if args.task == "gsm8k":
+        from pipeline.tasks import gsm8k
+
+        examples = _first(gsm8k.load_gsm8k(args.split, args.data_dir, n_valid=args.n_valid, seed=args.seed),
+                          args.n)
+    elif args.task == "prosqa":
+        from pipeline.tasks import prosqa
+
+        if args.stats:
+            _prosqa_stats(args)
+            if args.output is None:
+                return 0
+        elif args.output is None:
+            raise PipelineError("tasks prosqa: --output is required (unless --stats)")
+        if args.split == "train":
+            try:
+                exclude = [ex for s in prosqa.OFFICIAL_SPLITS for ex in prosqa.load_prosqa(s, args.data_dir)]
+            except PipelineError as e:
+                raise PipelineError(f"{e} (generation reads the official valid/test files to stay distinct "
+                                    "from them; pass --data-dir)") from e
+            n = 17_886 if args.n is None else args.n
+            with _bar("ex") as bar:
+                examples = prosqa.generate_prosqa(n, args.seed, args.preset, exclude, bar.update)
+        else:
+            examples = _first(prosqa.load_prosqa(args.split, args.data_dir), args.n)
+    else:
+        from pipeline.tasks import countdown
+
+        with _bar("ex") as bar:
+            examples = countdown.generate_countdown(args.split, args.n, args.operands, args.seed, bar.update)
+    path = schema.save_examples(args.output, examples)
+    what = (f", {args.operands} operands" if args.task == "countdown" else
+            f", preset {args.preset}" if args.task == "prosqa" and args.split == "train" else "")
+    print(f"wrote {len(examples)} {args.task} examples ({args.split}{what}) to {path} "
+          f"in {time.time() - t0:.1f}s")
+    return 0
+
+
 COMMANDS = {"tokenizer": cmd_tokenizer, "build": cmd_build, "merge-manifests": cmd_merge,
-            "inspect": cmd_inspect, "verify": cmd_verify}
+            "inspect": cmd_inspect, "verify": cmd_verify, "tasks": cmd_tasks}
 
 
 def main(argv: list[str] | None = None) -> int:
