@@ -7,6 +7,7 @@
     python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
     python launchers/evaluate.py diagnostics --model DIR [--data DIR | --task T --task-file F] --out eval/
     python launchers/evaluate.py probe --model DIR [--sequences 64] --out eval/   # why latents (don't) help
+    python launchers/evaluate.py reasoning --task prosqa --model DIR [--data F.json] [--dump F.jsonl] --out eval/
 
 Results go to OUT/<task>.json and .md (plus PNGs for ppl-at-k and diagnostics), and to MLflow
 with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
@@ -19,6 +20,7 @@ import sys
 
 from pipeline.errors import PipelineError
 from pipeline.paths import shared_data_dir
+from pipeline.tasks.format import TASKS
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -67,6 +69,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     pr.add_argument("--data", help="data-prep dir (default: run_config.data.path of pipeline.json)")
     pr.add_argument("--sequences", type=int, default=64, help="held-out sequences (default 64)")
     pr.add_argument("--seed", type=int, default=0)
+    rs = sub.add_parser("reasoning", parents=[common], help="GSM8K / ProsQA / Countdown accuracy (greedy, verified)")
+    rs.add_argument("--task", required=True, choices=TASKS)
+    rs.add_argument("--data", help="task file (JSON list; default: the task's evaluation split)")
+    rs.add_argument("--dump", metavar="F.jsonl", help="write one JSON line per (model, question)")
+    rs.add_argument("--max-new-tokens", type=int, default=128)
+    rs.add_argument("--tokenizer")
     return p.parse_args(argv)
 
 
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.progress import Progress
 
         unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions", "diagnostics": "sites",
-                "probe": "models"}[args.cmd]
+                "probe": "models", "reasoning": "questions"}[args.cmd]
 
         def bar(total: int, desc: str) -> Progress:  # the runner updates it and closes it
             return Progress(total, f"{desc} ({unit})")
@@ -109,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             res = runner.run_probe(models, out=args.out, data=args.data, sequences=args.sequences, seed=args.seed,
                                    **log)
             stem = "probe"
+        elif args.cmd == "reasoning":
+            res = runner.run_reasoning(models, task=args.task, out=args.out, data=args.data, tokenizer=args.tokenizer,
+                                       limit=args.limit, batch_size=args.batch_size or 16,
+                                       max_new_tokens=args.max_new_tokens, dump=args.dump, **log)
+            stem = "reasoning"
         else:
             res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,
                                    tokenizer=args.tokenizer, shots=args.shots, seed=args.seed, limit=args.limit,

@@ -5,7 +5,8 @@
         data.path=runs/data train.max_steps=500 [--resume auto|PATH] [--dry-run]
 
 --config takes a preset name (pipeline/presets/*.yaml) or a YAML path; trailing
-`dotted.key=value` arguments override it (unknown keys are errors). DeepSpeed's
+`dotted.key=value` arguments override it (unknown keys are errors). Its `task:` key says
+what trains: dual pretraining by default, `reasoning_sft` for the reason-* presets. DeepSpeed's
 config owns batch size, optimizer, scheduler, precision and ZeRO stage.
 """
 
@@ -20,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.config import to_dict  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.logs import announce_op_builds, setup_logging  # noqa: E402
 from pipeline.progress import Progress  # noqa: E402
@@ -75,18 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             if rank0 and result.table:
                 print(f"\n{result.title} ({result.n_sites} held-out sites):\n{result.table}")
             return 0
-        from pipeline.train.config import load_config
+        from pipeline.train.configs import load_task
 
-        cfg = load_config(args.config, args.overrides)
+        task = load_task(args.config, args.overrides)  # the preset's `task:` key (default: dual pretraining)
+        cfg = task.config
         if args.dry_run:
-            print(json.dumps({"pipeline": to_dict(cfg), "deepspeed": ds_config}, indent=2))
+            print(json.dumps({"task": task.kind, "pipeline": task.config_dict(), "deepspeed": ds_config}, indent=2))
             return 0
-        from pipeline.train.dual_task import DualPretraining
         from pipeline.train.trainer import train
 
         announce_op_builds(logging.getLogger("pretrain"))
-        result = train(DualPretraining(cfg), ds_config, resume=args.resume,
-                       on_step=_progress(cfg.dual.variant, cfg.train.max_steps))
+        label = cfg.dual.variant if hasattr(cfg, "dual") else task.kind
+        result = train(task, ds_config, resume=args.resume, on_step=_progress(label, cfg.train.max_steps))
         if rank0:
             print(f"step {result.step}/{cfg.train.max_steps}" + (f", val loss {result.val_loss:.4f}" if result.finished else
                   " (stopped early; continue with --resume auto)") +

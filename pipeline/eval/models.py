@@ -143,7 +143,7 @@ def resolve_tokenizer(models: list[EvalModel], override: str | None = None) -> T
         return load_tokenizer(override)
     for m in models:
         for d in (m.path, m.path / "base"):
-            if (d / "tokenizer.json").is_file():
+            if (d / "tokenizer.json").is_file() or len(list(d.glob("*.model"))) == 1:  # HF or sentencepiece
                 return load_tokenizer(d)
     from pipeline.data.shards import load_manifest
 

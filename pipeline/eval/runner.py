@@ -20,6 +20,7 @@ from pipeline.eval import diagnostics as dg
 from pipeline.eval import gsm8k as g8
 from pipeline.eval import multiple_choice as mc
 from pipeline.eval import ppl as pk
+from pipeline.eval import reasoning as rs
 from pipeline.eval.models import EvalModel, load_eval_model, resolve_tokenizer, unique_names
 from pipeline.eval.plots import plot_cross_capture, plot_ppl_at_k, plot_silhouettes
 from pipeline.eval.report import log_mlflow, write_results
@@ -188,6 +189,35 @@ def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train
     files = write_results(results, out, "gsm8k", "\n".join(lines) + "\n")
     log_mlflow([(f"gsm8k/{n}/exact_match", r["exact_match"], None) for n, r in table.items()], files,
                run_id=mlflow_run, experiment=mlflow_experiment)
+    return results
+
+
+def run_reasoning(models: list[EvalModel], *, task: str, out: str | Path, data: str | None = None,
+                  tokenizer: str | None = None, limit: int | None = None, batch_size: int = 16,
+                  max_new_tokens: int = rs.MAX_NEW_TOKENS, dump: str | None = None, mlflow_run: str | None = None,
+                  mlflow_experiment: str | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
+    """Accuracy and mean score of each model on one reasoning task (`pipeline.eval.reasoning`):
+    `data` (a task file) or the task's evaluation split; OUT/reasoning.{json,md}; with `dump`,
+    one JSON line per (model, example)."""
+    tok = resolve_tokenizer(models, tokenizer)
+    examples, source = rs.task_examples(task, data, limit)
+    table, records = {}, {}
+    for m in models:
+        with _shown(bar, len(examples), f"{m.name} {task}") as progress:
+            r = rs.evaluate_reasoning(m, tok, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                      progress=_from_increments(progress, len(examples)))
+        records[m.name] = r.pop("records")
+        table[m.name] = {"model": m.describe(), **r}
+    results = {"task": task, "source": source, "n": len(examples), "max_new_tokens": max_new_tokens,
+               "stop": list(rs.STOP), "results": table}
+    files = write_results(results, out, "reasoning", rs.markdown_table(results))
+    if dump:
+        rs.write_dump(dump, records)
+    metrics = [(f"reasoning/{task}/{name}/{key}", r[key], None) for name, r in table.items()
+               for key in ("accuracy", "accuracy_stderr", "mean_score")]
+    log_mlflow(metrics, files, run_id=mlflow_run, experiment=mlflow_experiment,
+               params={"eval.reasoning.task": task, "eval.reasoning.source": source, "eval.reasoning.n": len(examples)})
+    results["files"] = [str(f) for f in files]
     return results
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.config import PRESET_DIR, TrainConfig, load_config
+from pipeline.train.config import PRESET_DIR, load_config
+from pipeline.train.configs import KINDS, load_task, load_task_config
 from pipeline.train.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,17 +31,36 @@ def test_presets_exist_for_every_variant_and_real_sizes():
 
     assert {f"tiny-{v}" for v in VARIANTS} <= set(PRESETS)
     assert {"gpt2-124m-liu", "qwen3-0.6b-h2"} <= set(PRESETS)
+    reasoning = {f"reason-{t}-{c}{size}" for t in ("gsm8k", "prosqa", "countdown") for c in ("cot", "nocot")
+                 for size in ("", "-gpt2-124m")}
+    assert reasoning <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_loads(name):
-    cfg = load_config(name)
-    assert isinstance(cfg, TrainConfig)
-    assert cfg.dual.spec  # a known variant
+    kind, cfg = load_task_config(name)
+    assert isinstance(cfg, KINDS[kind][0])
+    if kind == "dual_pretraining":
+        assert cfg == load_config(name)  # presets without `task:` are what load_config reads
+        assert cfg.dual.spec  # a known variant
+    else:
+        assert kind == "reasoning_sft" and name.startswith("reason-")
+        assert cfg.data.cot == ("-cot" in name)
+    assert load_task(name).kind == kind
     from pipeline.models import preset
 
     if not cfg.model.path:
-        preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
+        mc = preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
+        if kind == "reasoning_sft":
+            assert cfg.data.max_len <= mc.max_position_embeddings
+
+
+def test_dry_run_prints_a_reasoning_preset(capsys):
+    rc = pretrain.main(["--ds_config", str(ROOT / "ds_configs/zero2_cpu.json"), "--config", "reason-prosqa-cot",
+                        "data.max_len=600", "--dry-run"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "reasoning_sft" and out["pipeline"]["data"]["max_len"] == 600
 
 
 def test_cli_surface():
@@ -64,6 +84,8 @@ def test_dry_run_prints_resolved_configs(capsys):
     (["--config", "tiny-liu", "dual.variant=nope"], "nope"),
     (["--config", "tiny-liu", "train.nan_policy=ignore"], "train.nan_policy"),
     (["--config", "tiny-liu", "model.overrides.n_layr=3"], "model.overrides.n_layr"),
+    (["--config", "reason-prosqa-cot", "data.cott=false"], "data.cott"),
+    (["--config", "reason-prosqa-cot", "task=nope"], "nope"),
     (["model.overrides.n_layr=3"], "model.overrides.n_layr"),  # the default recipe's overrides too
 ])
 def test_config_errors_exit_2_with_a_message(capsys, argv, words):
@@ -73,7 +95,7 @@ def test_config_errors_exit_2_with_a_message(capsys, argv, words):
     assert err.startswith("error: ") and words in err
 
 
-@pytest.mark.parametrize("argv", [["--config", "tiny-liu"], []])
+@pytest.mark.parametrize("argv", [["--config", "tiny-liu"], ["--config", "reason-gsm8k-nocot"], []])
 def test_unknown_model_override_fails_before_any_distributed_start(capsys, argv):
     import torch.distributed
 
