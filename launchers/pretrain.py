@@ -53,6 +53,16 @@ def _progress(desc: str, total: int):
     return on_step
 
 
+def _single_process_env() -> None:
+    """`python launchers/pretrain.py ...` (no `deepspeed` launcher): one rank on this machine,
+    instead of DeepSpeed falling back to MPI discovery and failing on a missing mpi4py."""
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        from pipeline.train.testing import free_port
+
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging()
@@ -69,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             from pipeline.recipe import RUNNERS
 
+            _single_process_env()
             announce_op_builds(logging.getLogger("pretrain"))
             result = RUNNERS[args.recipe](ds_config, root=args.recipe_root, overrides=args.overrides,
                                           progress=_progress)
@@ -84,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from pipeline.train.trainer import train
 
+        _single_process_env()
         announce_op_builds(logging.getLogger("pretrain"))
         label = cfg.dual.variant if hasattr(cfg, "dual") else task.kind
         result = train(task, ds_config, resume=args.resume, on_step=_progress(label, cfg.train.max_steps))

@@ -162,3 +162,15 @@ def test_the_documented_command_runs_a_few_steps_on_cpu(tmp_path, corpus_dir):
     assert proc.returncode == 0, log[-3000:]
     assert "step 3/3, val loss" in log and (out / "export" / "pipeline.json").is_file()
     assert sum("no GPU: running this DeepSpeed config on CPU" in line for line in log.splitlines()) >= 1
+
+
+def test_plain_python_runs_one_rank(tmp_path, corpus_dir):
+    """`python launchers/pretrain.py` without the deepspeed launcher trains as one rank (before,
+    DeepSpeed fell back to MPI discovery and died on a missing mpi4py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "launchers/pretrain.py", "--ds_config", "ds_configs/zero2_cpu.json", "--config", "tiny-h1",
+         f"data.path={corpus_dir}", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.export=false",
+         "tracking.enabled=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "step 2/2" in proc.stdout
