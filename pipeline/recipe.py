@@ -46,7 +46,7 @@ from pipeline.eval.ppl import PplConfig, markdown_table
 from pipeline.eval.runner import load_models, run_ppl_at_k
 from pipeline.train.config import load_config
 from pipeline.train.dual_task import DualPretraining
-from pipeline.train.tracking import finish_run, log_artifacts_to_run, start_parent_run
+from pipeline.train.tracking import finish_run, log_artifacts_to_run, plot_curves, start_parent_run
 from pipeline.train.trainer import StepCallback, train
 
 log = logging.getLogger(__name__)
@@ -275,24 +275,8 @@ def compare_table(rows: list[dict[str, Any]], ppl: dict[str, Any]) -> str:
 
 def plot_validation(rows: list[dict[str, Any]], png: Path) -> Path:
     """Every variant's validation ppl against training step (paper 000 Fig. 2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["val_curve"]:
-            steps, losses = zip(*r["val_curve"], strict=True)
-            ax.plot(steps, [math.exp(v) for v in losses], "o-", markersize=3, label=r["variant"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation ppl (own objective)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    curves = {r["variant"]: [(step, math.exp(v)) for step, v in r["val_curve"]] for r in rows}
+    return plot_curves(curves, png, ylabel="validation ppl (own objective)")
 
 
 RUNNERS = {"default": run_default, "compare": run_compare}

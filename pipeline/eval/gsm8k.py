@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
-from pipeline.eval.models import EvalModel
+from pipeline.eval.models import EvalModel, generate_all
 from pipeline.eval.multiple_choice import read_jsonl_rows, require_fields
 
 log = logging.getLogger(__name__)
@@ -100,15 +100,9 @@ def evaluate_gsm8k(model: EvalModel, tok: Tokenizer, test: list[dict[str, str]],
             log.warning("question %d: prompt of %d tokens cut to the last %d", i, len(ids), keep)
             ids = ids[-keep:]
         prompts.append(ids)
-    order = sorted(range(len(test)), key=lambda i: -len(prompts[i]))
-    generations: dict[int, list[int]] = {}
-    for a in range(0, len(order), batch_size):
-        chunk = order[a: a + batch_size]
-        rows = model.generate_batch([prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                    eos_token_id=tok.eos_id, stop_strings=stops, decode=tok.decode)
-        generations.update(zip(chunk, rows, strict=True))
-        if progress is not None:
-            progress(len(chunk))
+    generations = generate_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                     eos_token_id=tok.eos_id, stop_strings=stops, decode=tok.decode,
+                                     progress=progress)
     records, correct = [], 0
     for i, row in enumerate(test):
         new = generations[i]

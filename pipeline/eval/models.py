@@ -116,6 +116,24 @@ class EvalModel:
                                           decode=decode)
 
 
+def generate_all(model: EvalModel, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
+                 eos_token_id: int | None, stop_strings: Sequence[str] | None = None,
+                 decode: Callable[[list[int]], str] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """`model.generate_batch` over many prompts, `batch_size` at a time, longest first (rows of
+    a batch then pad little); results in the prompts' order. `progress(n)` after each batch."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: dict[int, list[int]] = {}
+    for a in range(0, len(order), batch_size):
+        chunk = order[a: a + batch_size]
+        rows = model.generate_batch([prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                    eos_token_id=eos_token_id, stop_strings=stop_strings, decode=decode)
+        out.update(zip(chunk, rows, strict=True))
+        if progress is not None:
+            progress(len(chunk))
+    return [out[i] for i in range(len(prompts))]
+
+
 def load_eval_model(path: str | Path, *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, name: str | None = None) -> EvalModel:
     """An export (has pipeline.json) or a plain Hugging Face checkpoint directory."""

@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
 from pipeline.eval.gsm8k import cut_at_stop
-from pipeline.eval.models import EvalModel
+from pipeline.eval.models import EvalModel, generate_all
 from pipeline.eval.multiple_choice import _stderr as stderr_of_mean
 from pipeline.tasks import schema
 from pipeline.tasks.countdown import DEFAULT_N, generate_countdown
@@ -90,15 +90,8 @@ def evaluate_reasoning(model: EvalModel, tok: Tokenizer, task: str, examples: li
         log.warning("%d of %d prompts are longer than the %d tokens %s allows before %d new tokens; "
                     "their first tokens are dropped", cut, len(prompts), keep, model.name, max_new_tokens)
         prompts = [p[-keep:] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    new: dict[int, list[int]] = {}
-    for a in range(0, len(order), batch_size):
-        chunk = order[a: a + batch_size]
-        rows = model.generate_batch([prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                    eos_token_id=tok.eos_id, stop_strings=STOP, decode=tok.decode)
-        new.update(zip(chunk, rows, strict=True))
-        if progress is not None:
-            progress(len(chunk))
+    new = generate_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             eos_token_id=tok.eos_id, stop_strings=STOP, decode=tok.decode, progress=progress)
     records = []
     for i, ex in enumerate(examples):
         ids = new[i]

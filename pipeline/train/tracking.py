@@ -148,22 +148,29 @@ def log_artifacts_to_run(uri: str, run_id: str | None, paths: list[Path]) -> Non
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
-    """Training and validation loss vs step, from metrics.jsonl (Agg backend, no display)."""
+    """Training and validation loss vs step, from metrics.jsonl."""
     if not metrics_file.is_file():
         return None
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    curves = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "val_loss")}
+    return plot_curves(curves, png, ylabel="loss", styles={"loss": "-"})
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], png: Path, *, ylabel: str,
+                styles: dict[str, str] | None = None) -> Path:
+    """One line per named (step, value) series against step (Agg backend, no display);
+    style "o-" unless `styles` names another."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("loss", "-"), ("val_loss", "o-")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=key, markersize=3)
+    for name, points in curves.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), (styles or {}).get(name, "o-"), label=name, markersize=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
