@@ -42,6 +42,7 @@ from pipeline.data.build import BuildOptions, build
 from pipeline.data.readers import Reader, resolve_inputs
 from pipeline.data.shards import MANIFEST
 from pipeline.data.tokenizer import train_sentencepiece
+from pipeline.eval.bootstrap import paired_ppl_bootstrap
 from pipeline.eval.ppl import PplConfig, markdown_table
 from pipeline.eval.runner import load_models, run_ppl_at_k
 from pipeline.train.config import load_config
@@ -235,18 +236,10 @@ def compare_rows(ppl: dict[str, Any], dump: Path, runs: dict[str, Path]) -> list
                "ppl_ci": [m["ppl_ci"][k - 1] for k in COMPARE_K] if "ppl_ci" in m else None}
         if ref is not None and name != REFERENCE:
             cols = [k - 1 for k in COMPARE_K]
-            row |= ppl_gap(nll[name][:, cols], ref[:, cols])
+            paired = paired_ppl_bootstrap(nll[name][:, cols], ref[:, cols], seed=0)
+            row |= {"delta_vs_cp": paired.ppl_gap.tolist(), "delta_vs_cp_ci": paired.ppl_gap_ci.tolist()}
         rows.append(row)
     return rows
-
-
-def ppl_gap(nll: np.ndarray, ref: np.ndarray, *, n_resamples: int = 1000, seed: int = 0) -> dict[str, list]:
-    """ppl(nll) - ppl(ref) per column, with a 95% paired percentile bootstrap over sites (rows):
-    both models are scored on the same resampled sites."""
-    idx = np.random.default_rng(seed).integers(0, len(nll), (n_resamples, len(nll)))
-    gaps = np.exp(nll[idx].mean(axis=1)) - np.exp(ref[idx].mean(axis=1))  # (n_resamples, K)
-    return {"delta_vs_cp": (np.exp(nll.mean(0)) - np.exp(ref.mean(0))).tolist(),
-            "delta_vs_cp_ci": np.percentile(gaps, [2.5, 97.5], axis=0).T.tolist()}
 
 
 def compare_table(rows: list[dict[str, Any]], ppl: dict[str, Any]) -> str:

@@ -117,6 +117,9 @@ class PplBootstrap:
     delta_nll: np.ndarray | None = None
     """mean over sites of (NLL augmented - NLL Base): negative when the augmentation helps."""
     delta_nll_ci: np.ndarray | None = None
+    ppl_gap: np.ndarray | None = None
+    """ppl - base_ppl (in ppl units, as paper 000 reports differences): negative when it helps."""
+    ppl_gap_ci: np.ndarray | None = None
 
 
 def _reduction_pct(delta: np.ndarray) -> np.ndarray:
@@ -153,4 +156,6 @@ def paired_ppl_bootstrap(aug: np.ndarray, base: np.ndarray | None, *, n_resample
         base_ppl=np.exp(base.mean(axis=0)), base_ppl_ci=_interval(np.exp(m_base), level),
         reduction_pct=_reduction_pct(delta), reduction_pct_ci=_interval(_reduction_pct(m_diff), level),
         delta_nll=delta, delta_nll_ci=_interval(m_diff, level),
+        ppl_gap=np.exp(aug.mean(axis=0)) - np.exp(base.mean(axis=0)),
+        ppl_gap_ci=_interval(np.exp(m_aug) - np.exp(m_base), level),
     )

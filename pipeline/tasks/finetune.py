@@ -207,6 +207,7 @@ class ReasoningSFT(Task):
     """Supervised fine-tuning on question -> (steps ->) "### answer", loss on the target side only."""
 
     kind = "reasoning_sft"
+    config_class = ReasoningConfig
 
     def __init__(self, config: ReasoningConfig, *, meta: dict[str, Any] | None = None):
         self.config = config
@@ -231,6 +232,7 @@ class ReasoningSFT(Task):
         self.layout = layout
         self.order = BatchOrder(len(self.train_rows), d.seed, layout.micro_batch, layout.accumulation, layout.world)
         self.lm = build_lm(self.config, self.tokenizer)
+        self.n_matmul = self.lm.num_params(matmul_only=True)
         return TargetLM(self.lm)
 
     def batch(self, step: int, micro_step: int) -> dict[str, Tensor]:
@@ -247,7 +249,7 @@ class ReasoningSFT(Task):
         positions through the head, and causal attention within each row."""
         mc = self.lm.config
         head = mc.vocab_size * mc.d_model
-        body = self.lm.num_params(matmul_only=True) - head
+        body = self.n_matmul - head  # counted in build, before ZeRO-3 could partition the weights
         train = {"input_grad": True, "weight_grad": True}
         lengths = batch["lengths"].tolist()
         n_targets = int((batch["targets"] != IGNORE).sum())

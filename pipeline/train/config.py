@@ -117,13 +117,18 @@ def preset_path(name_or_path: str) -> Path:
     raise PipelineError(f"no preset or YAML file {name_or_path!r}; presets: {known}")
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A preset file's config tree (a mapping), or a clear error."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path}: expected a mapping of config sections")
+    return raw
+
+
 def load_config(name_or_path: str | None, overrides: list[str] = ()) -> TrainConfig:
     """Preset (or YAML file) + dotted overrides -> a validated `TrainConfig`."""
-    raw: dict[str, Any] = {}
-    if name_or_path:
-        path = preset_path(name_or_path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"{path}: not valid YAML ({exc})") from None
+    raw = read_yaml(preset_path(name_or_path)) if name_or_path else {}
     return from_dict(TrainConfig, apply_overrides(raw, list(overrides)))

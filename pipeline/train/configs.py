@@ -5,41 +5,32 @@
     kind, cfg = load_task_config("reason-prosqa-cot")                # the validated config alone
 
 A preset without `task:` is dual pretraining (`pipeline.train.config.TrainConfig`), so every
-existing preset and `load_config` keep working. A new training task enters as one row of
-`KINDS`: its name, its config dataclass and its `Task` class.
+existing preset and `load_config` keep working. A new training task enters by being
+registered (`pipeline.train.task.register_task`) with its `kind` and `config_class`, and
+imported here.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from pipeline.config import apply_overrides, from_dict
 from pipeline.errors import PipelineError
-from pipeline.tasks.finetune import ReasoningConfig, ReasoningSFT
-from pipeline.train.config import TrainConfig, preset_path
+from pipeline.tasks import finetune  # noqa: F401 - registers reasoning_sft
+from pipeline.train.config import preset_path, read_yaml
 from pipeline.train.dual_task import DualPretraining
-from pipeline.train.task import Task
+from pipeline.train.task import TASKS, Task
 
 DEFAULT_KIND = DualPretraining.kind
-KINDS: dict[str, tuple[type, type[Task]]] = {
-    DualPretraining.kind: (TrainConfig, DualPretraining),
-    ReasoningSFT.kind: (ReasoningConfig, ReasoningSFT),
-}
-"""Task kind -> (its config dataclass, its Task class)."""
+KINDS: dict[str, tuple[type, type[Task]]] = {kind: (cls.config_class, cls) for kind, cls in TASKS.items()
+                                              if hasattr(cls, "config_class")}
+"""Task kind -> (its config dataclass, its Task class), from the task registry."""
 
 
 def read_preset(name_or_path: str, overrides: list[str] = ()) -> tuple[str, dict[str, Any]]:
     """(task kind, the raw config tree with overrides applied and the `task` key removed)."""
     path = preset_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{path}: expected a mapping of config sections")
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(read_yaml(path), list(overrides))
     kind = raw.pop("task", DEFAULT_KIND)
     if kind not in KINDS:
         raise PipelineError(f"{path}: task: {kind!r} is not a training task; known: {', '.join(sorted(KINDS))}")

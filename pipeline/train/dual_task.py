@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import from_dict
-from pipeline.data.shards import load_manifest
+from pipeline.data.shards import Manifest, load_manifest
 from pipeline.dual import DualModel, export_dual
 from pipeline.errors import PipelineError
 from pipeline.flops import attention_flops, causal_pairs, matmul_flops
@@ -50,8 +50,8 @@ class DataIdentity:
     """The data directory it was read from (informational once recorded)."""
 
     @classmethod
-    def of(cls, data_path: str) -> DataIdentity:
-        manifest = load_manifest(data_path)
+    def of(cls, data_path: str, manifest: Manifest | None = None) -> DataIdentity:
+        manifest = manifest or load_manifest(data_path)
         return cls(vocab_size=manifest.vocab_size, eos_id=manifest.eos_id,
                    tokenizer=manifest.to_json().get("tokenizer", {}), path=str(Path(data_path).resolve()))
 
@@ -101,7 +101,15 @@ def build_dual(cfg: TrainConfig, data: DataIdentity) -> DualModel:
     return DualModel(base, cfg.dual, eos_id=data.eos_id)
 
 
-def dual_flops(dual: DualModel, input_ids: Tensor, sites: Tensor | None) -> float:
+def matmul_params(dual: DualModel) -> tuple[int, int]:
+    """Matmul parameters of the Base and the Coprocessor (0 without one). Counted once, before
+    `deepspeed.initialize`: under ZeRO-3 a partitioned parameter's `numel()` is no longer its size."""
+    cop = dual.coprocessor.num_params(matmul_only=True) if dual.coprocessor is not None else 0
+    return dual.base.num_params(matmul_only=True), cop
+
+
+def dual_flops(dual: DualModel, input_ids: Tensor, sites: Tensor | None,
+               params: tuple[int, int] | None = None) -> float:
     """Model FLOPs of one forward + backward of `dual` on a batch, counting only the work
     that runs: a frozen Base does forward only in pass 1 (nothing upstream trains) and
     forward + input gradients in pass 3 (gradients flow through it to the slots); the LM
@@ -110,7 +118,8 @@ def dual_flops(dual: DualModel, input_ids: Tensor, sites: Tensor | None) -> floa
     cfg, spec, mc = dual.config, dual.config.spec, dual.base.config
     B, S = input_ids.shape
     head = mc.vocab_size * mc.d_model
-    body = dual.base.num_params(matmul_only=True) - head
+    n_base, n_cop = params or matmul_params(dual)
+    body = n_base - head
     geometry = {"n_layer": mc.n_layer, "n_head": mc.n_head, "head_dim": mc.head_dim}
     train_base = cfg.train_base
     grads = {"input_grad": train_base, "weight_grad": train_base}
@@ -125,7 +134,7 @@ def dual_flops(dual: DualModel, input_ids: Tensor, sites: Tensor | None) -> floa
     # pass 2: the Coprocessor over M·N_L slots (+ its own pass over x for last_hidden input)
     if dual.coprocessor is not None:
         n_l = cfg.n_latents
-        cop = dual.coprocessor.num_params(matmul_only=True) - head
+        cop = n_cop - head
         full = cfg.coprocessor_adapter == "full"
         cop_tokens = B * M * n_l + (B * S if cfg.coprocessor_input == "last_hidden" else 0)
         flops += matmul_flops(cop, cop_tokens, input_grad=True, weight_grad=full)
@@ -148,6 +157,7 @@ class DualPretraining(Task):
     """Pretraining one variant of the dual model on packed data-prep shards."""
 
     kind = "dual_pretraining"
+    config_class = TrainConfig
 
     def __init__(self, config: TrainConfig, *, data: DataIdentity | None = None,
                  frozen_base: dict[str, str] | None = None):
@@ -161,8 +171,9 @@ class DualPretraining(Task):
         cfg = self.config
         if not cfg.data.path:
             raise PipelineError("data.path is not set: point it at a data-prep output directory")
-        manifest = load_manifest(cfg.data.path)
-        self._data = DataIdentity.of(cfg.data.path)
+        self.manifest = load_manifest(cfg.data.path)
+        manifest = self.manifest
+        self._data = DataIdentity.of(cfg.data.path, manifest)
         self.manifest_file = Path(cfg.data.path) / "manifest.json"
         self.train_data = PackedSequences(manifest, "train", cfg.data.seq_len)
         self.val_data = PackedSequences(manifest, "validation", cfg.data.seq_len)
@@ -170,6 +181,7 @@ class DualPretraining(Task):
         self.order = BatchOrder(len(self.train_data), cfg.data.seed, layout.micro_batch, layout.accumulation,
                                 layout.world)
         self.model = build_dual(cfg, self._data)
+        self.params = matmul_params(self.model)
         return self.model
 
     def batch(self, step: int, micro_step: int) -> dict[str, Tensor]:
@@ -187,7 +199,7 @@ class DualPretraining(Task):
         return StepOutput(loss=out.loss, metrics=metrics)
 
     def flops(self, batch: dict[str, Tensor]) -> float:
-        return dual_flops(self.model, batch["input_ids"], batch["sites"])
+        return dual_flops(self.model, batch["input_ids"], batch["sites"], self.params)
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return batch["input_ids"].numel()
@@ -208,7 +220,7 @@ class DualPretraining(Task):
         return {"val_loss": sum(losses) / max(len(losses), 1)}
 
     def provenance(self) -> dict[str, Any]:
-        return {"data": {k: v for k, v in load_manifest(self.config.data.path).to_json().items() if k != "shards"}}
+        return {"data": {k: v for k, v in self.manifest.to_json().items() if k != "shards"}}
 
     def artifacts(self) -> list[Path]:
         return [self.manifest_file]

@@ -70,8 +70,10 @@ class Task(abc.ABC):
 
     kind: ClassVar[str]
     """The registry name recorded in checkpoints (`TASKS[kind]` rebuilds the task)."""
+    config_class: ClassVar[type]
+    """The config dataclass a preset of this kind loads into (the `task:` key names the kind)."""
     config: Any
-    """A config dataclass with at least `train` (TrainSection) and `tracking` (TrackingSection)."""
+    """A `config_class` instance, with at least `train` (TrainSection) and `tracking` (TrackingSection)."""
 
     @abc.abstractmethod
     def build(self, layout: BatchLayout) -> nn.Module:

@@ -46,6 +46,7 @@ class ToyRegression(Task):
     """Fit y = W* x + noise with a linear layer; sample i of the stream is a function of (seed, i)."""
 
     kind = "toy_regression"
+    config_class = ToyConfig
 
     def __init__(self, config: ToyConfig):
         self.config = config
