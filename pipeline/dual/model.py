@@ -17,6 +17,7 @@ variant row (`pipeline.dual.variants`), not from branches on variant names.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -148,9 +149,25 @@ class DualModel(nn.Module):
         return unused
 
     def slot_embeddings(self) -> Tensor:
-        """The soft-token rows `(N_L or 1, d)` (through the module call, for ZeRO-3)."""
-        rows = self.soft_tokens.num_embeddings
+        """The soft-token rows `(N_L or 1, d)` (through the module call, for ZeRO-3).
+
+        With fewer latents than rows (a curriculum stage, `with_config(n_latents=...)`),
+        the first N_L rows: slot j keeps its embedding from stage to stage."""
+        rows = min(self.soft_tokens.num_embeddings, self.config.n_latents)
         return self.soft_tokens(torch.arange(rows, device=self.soft_tokens.weight.device))
+
+    @contextlib.contextmanager
+    def with_config(self, **changes):
+        """Run with some config fields changed (e.g. a curriculum stage's `n_latents`, a
+        batch's `n_ahead`); the parameters stay as built, so `n_latents` may only shrink."""
+        if changes.get("n_latents", 0) > self.config.n_latents:
+            raise PipelineError(f"n_latents={changes['n_latents']} exceeds the {self.config.n_latents} "
+                                "latent slots this model was built with")
+        saved, self.config = self.config, dataclasses.replace(self.config, **changes)
+        try:
+            yield self.config
+        finally:
+            self.config = saved
 
     # ------------------------------------------------------------------ the three passes
     def sample_sites(self, input_ids: Tensor, generator: torch.Generator) -> Tensor:
@@ -228,6 +245,15 @@ class DualModel(nn.Module):
         Block positions continue from p+1; the first N_L are the slots (as input
         embeddings `latents`, or as injected K/V `extra_kv` for h1).
         """
+        h = self.decode_hidden(input_ids, sites, n_ahead, cache, latents, extra_kv, docs)
+        return self.base.lm_head(h)  # (B, M, n_ahead, V)
+
+    def decode_hidden(
+        self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], latents: Tensor | None,
+        extra_kv: list[KV] | None, docs: Tensor | None = None,
+    ) -> Tensor:
+        """`decode_logits` before the head: final hidden states `(B, M, n_ahead, d)`, for a
+        caller that needs logits at only some targets (padded ones skip the vocabulary)."""
         cfg = self.config
         B, S = input_ids.shape
         M, n_l, d = sites.shape[1], cfg.n_latents, self.base.config.d_model
@@ -249,8 +275,7 @@ class DualModel(nn.Module):
             inputs_embeds=block.flatten(1, 2), position_ids=positions.flatten(1), prefix_kv=prefix,
             attention=pattern, return_logits=False,
         )
-        h = out.hidden_states.view(B, M, q_len, d)[:, :, -n_ahead:]  # outputs that predict targets
-        return self.base.lm_head(h)  # (B, M, n_ahead, V)
+        return out.hidden_states.view(B, M, q_len, d)[:, :, -n_ahead:]  # outputs that predict targets
 
     def _coprocessor_pass(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None

@@ -16,48 +16,54 @@ import torch.nn.functional as F
 from pipeline.dual.model import DualModel, cat_kv, orthogonality_penalty
 
 
+def naive_site_nll(dual: DualModel, row: torch.Tensor, p: int, n_a: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NLL `(n_a,)` of row[p+1 .. p+n_a] after augmenting at p, and the slot latents `(N_L, d)`
+    (None for h1), by ordinary causal passes over this one site."""
+    cfg = dual.config
+    n_l, r, slots = cfg.n_latents, int(cfg.reread), cfg.spec.slots
+    start = 0
+    if cfg.document_mask:  # the site's document starts after the last EOS before p
+        eos = (row[:p] == dual.eos_id).nonzero().flatten()
+        start = int(eos[-1]) + 1 if len(eos) else 0
+    ctx = row[None, start : p + 1]
+    ctx_pos = torch.arange(start, p + 1)
+    base = dual.base(ctx, position_ids=ctx_pos, return_kv=True, return_logits=False)
+    cache = base.kv
+    if dual.coprocessor is not None:
+        cop_prefix = cache
+        if cfg.coprocessor_input == "last_hidden":
+            cop_prefix = dual.coprocessor(
+                inputs_embeds=base.hidden_states, position_ids=ctx_pos, return_kv=True, return_logits=False,
+            ).kv
+        cop = dual.coprocessor(
+            inputs_embeds=dual.slot_embeddings()[None], position_ids=torch.arange(p + 1, p + 1 + n_l),
+            prefix_kv=cop_prefix, return_kv=True, return_logits=False,
+        )
+        z, cop_kv = cop.hidden_states[0], cop.kv
+    else:
+        z = dual.slot_embeddings().expand(n_l, -1)
+    toks = dual.base.embed(row[p + 1 - r : p + n_a])  # (r + n_a - 1, d)
+    if slots == "coprocessor_kv":  # h1: the Coprocessor's K/V join the cache
+        prefix, inputs, first, z = cat_kv(cache, cop_kv), toks, p + 1 + n_l, None
+    else:
+        prefix, inputs, first = cache, torch.cat([z, toks]), p + 1
+    out = dual.base(
+        inputs_embeds=inputs[None], position_ids=torch.arange(first, first + len(inputs)), prefix_kv=prefix,
+    )
+    targets = row[p + 1 : p + 1 + n_a]
+    return F.cross_entropy(out.logits[0, -n_a:], targets, reduction="none"), z
+
+
 def naive_loss(dual: DualModel, x: torch.Tensor, sites: torch.Tensor) -> torch.Tensor:
     """Mean over sites of the per-site three-pass loss, one site at a time."""
     cfg = dual.config
-    n_l, n_a, r = cfg.n_latents, cfg.n_ahead, int(cfg.reread)
-    slots = cfg.spec.slots
     terms, latents_all = [], []
     for b in range(x.shape[0]):
         for p in sites[b].tolist():
-            start = 0
-            if cfg.document_mask:  # the site's document starts after the last EOS before p
-                eos = (x[b, :p] == dual.eos_id).nonzero().flatten()
-                start = int(eos[-1]) + 1 if len(eos) else 0
-            ctx = x[b : b + 1, start : p + 1]
-            ctx_pos = torch.arange(start, p + 1)
-            base = dual.base(ctx, position_ids=ctx_pos, return_kv=True, return_logits=False)
-            cache = base.kv
-            if dual.coprocessor is not None:
-                cop_prefix = cache
-                if cfg.coprocessor_input == "last_hidden":
-                    cop_prefix = dual.coprocessor(
-                        inputs_embeds=base.hidden_states, position_ids=ctx_pos, return_kv=True,
-                        return_logits=False,
-                    ).kv
-                cop = dual.coprocessor(
-                    inputs_embeds=dual.slot_embeddings()[None], position_ids=torch.arange(p + 1, p + 1 + n_l),
-                    prefix_kv=cop_prefix, return_kv=True, return_logits=False,
-                )
-                z, cop_kv = cop.hidden_states[0], cop.kv
-            else:
-                z = dual.slot_embeddings().expand(n_l, -1)
-            toks = dual.base.embed(x[b, p + 1 - r : p + n_a])  # (r + n_a - 1, d)
-            if slots == "coprocessor_kv":  # h1: the Coprocessor's K/V join the cache
-                prefix = cat_kv(cache, cop_kv)
-                inputs, first = toks, p + 1 + n_l
-            else:
-                prefix, inputs, first = cache, torch.cat([z, toks]), p + 1
+            nll, z = naive_site_nll(dual, x[b], p, cfg.n_ahead)
+            terms.append(nll)
+            if z is not None:
                 latents_all.append(z)
-            out = dual.base(
-                inputs_embeds=inputs[None], position_ids=torch.arange(first, first + len(inputs)), prefix_kv=prefix,
-            )
-            targets = x[b, p + 1 : p + 1 + n_a]
-            terms.append(F.cross_entropy(out.logits[0, -n_a:], targets, reduction="none"))
     loss = torch.stack(terms).mean()
     if cfg.orthogonality_weight > 0:
         loss = loss + cfg.orthogonality_weight * orthogonality_penalty(torch.stack(latents_all))
