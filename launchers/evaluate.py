@@ -7,7 +7,7 @@
     python launchers/evaluate.py gsm8k --model DIR --shots 8 --limit 100 --out eval/
     python launchers/evaluate.py diagnostics --model DIR [--data DIR | --task T --task-file F] --out eval/
     python launchers/evaluate.py probe --model DIR [--sequences 64] --out eval/   # why latents (don't) help
-    python launchers/evaluate.py reasoning --task prosqa --model DIR [--data F.json] [--dump F.jsonl] --out eval/
+    python launchers/evaluate.py reasoning --task prosqa --model DIR [--data F.json] [--dump F.jsonl] [--dump-nll F.jsonl] --out eval/
 
 Results go to OUT/<task>.json and .md (plus PNGs for ppl-at-k and diagnostics), and to MLflow
 with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
@@ -73,6 +73,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     rs.add_argument("--task", required=True, choices=TASKS)
     rs.add_argument("--data", help="task file (JSON list; default: the task's evaluation split)")
     rs.add_argument("--dump", metavar="F.jsonl", help="write one JSON line per (model, question)")
+    rs.add_argument("--dump-nll", metavar="F.jsonl",
+                    help="per-example teacher-forced answer NLL: {context, targets, nll} per line")
     rs.add_argument("--max-new-tokens", type=int, default=128)
     rs.add_argument("--tokenizer")
     return p.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "reasoning":
             res = runner.run_reasoning(models, task=args.task, out=args.out, data=args.data, tokenizer=args.tokenizer,
                                        limit=args.limit, batch_size=args.batch_size or 16,
-                                       max_new_tokens=args.max_new_tokens, dump=args.dump, **log)
+                                       max_new_tokens=args.max_new_tokens, dump=args.dump, dump_nll=args.dump_nll, **log)
             stem = "reasoning"
         else:
             res = runner.run_gsm8k(models, out=args.out, test_file=args.test, train_file=args.train,

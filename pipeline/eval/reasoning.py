@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
 from pipeline.eval.gsm8k import cut_at_stop
@@ -31,7 +33,7 @@ from pipeline.eval.models import EvalModel, generate_all
 from pipeline.eval.multiple_choice import _stderr as stderr_of_mean
 from pipeline.tasks import schema
 from pipeline.tasks.countdown import DEFAULT_N, generate_countdown
-from pipeline.tasks.format import TASKS, prompt_text
+from pipeline.tasks.format import TASKS, prompt_text, target_text
 from pipeline.tasks.gsm8k import load_gsm8k
 from pipeline.tasks.prosqa import load_prosqa
 from pipeline.tasks.verify import extract_answer, is_correct, score
@@ -102,6 +104,44 @@ def evaluate_reasoning(model: EvalModel, tok: Tokenizer, task: str, examples: li
             **summarize(r["score"] for r in records), "records": records}
 
 
+ANSWER_SIDE = "'### answer' + EOS (the same tokens for every model: what a latent model's last stage predicts after its latents)"
+
+
+@torch.no_grad()
+def answer_nll(model: EvalModel, tok: Tokenizer, examples: list[dict[str, Any]], *, batch_size: int = 16
+               ) -> dict[str, Any]:
+    """Teacher-forced NLL of each example's answer side after augmentation at the question's end.
+
+    context = the prompt's ids (`prompt_text`, tokenized alone, as generation uses it);
+    targets = `target_text(ex, cot=False)` + EOS ("### answer" and EOS): the same tokens for
+    every model, so a CoT model is scored on answering directly. Through the model's own
+    per-site scorer (`score_sites`, one site per row at the prompt's last token). Returns
+    the mean per-example answer NLL (nats/token) ± stderr over examples, and one record per
+    example in DESIGN.md §3's per-site dump format: {"context", "targets", "nll"}.
+    """
+    contexts = tok.encode_batch([prompt_text(ex) for ex in examples])
+    targets = [t + [tok.eos_id] for t in tok.encode_batch([target_text(ex, cot=False) for ex in examples])]
+    records = []
+    for a in range(0, len(examples), batch_size):
+        ctx, tgt = contexts[a: a + batch_size], targets[a: a + batch_size]
+        k = max(len(t) for t in tgt)
+        too_long = [a + i for i, c in enumerate(ctx) if len(c) - 1 > model.last_site(k)]
+        if too_long:
+            raise PipelineError(f"example {too_long[0]}: its prompt ({len(contexts[too_long[0]])} tokens) and "
+                                f"{k} answer tokens do not fit the {model.max_positions} positions of {model.name}")
+        width = max(len(c) for c in ctx) + k + 1
+        ids = torch.full((len(ctx), width), tok.eos_id, dtype=torch.long)
+        for i, (c, t) in enumerate(zip(ctx, tgt, strict=True)):
+            ids[i, : len(c) + len(t)] = torch.tensor(c + t)
+        sites = torch.tensor([[len(c) - 1] for c in ctx])
+        nll = model.score_sites(ids, sites, k).cpu()  # (B, 1, k)
+        records += [{"context": c, "targets": t, "nll": nll[i, 0, : len(t)].tolist()}
+                    for i, (c, t) in enumerate(zip(ctx, tgt, strict=True))]
+    per_example = [sum(r["nll"]) / len(r["nll"]) for r in records]
+    return {"answer_nll": sum(per_example) / len(per_example), "answer_nll_stderr": stderr_of_mean(per_example),
+            "records": records}
+
+
 def dump_record(task: str, index: int, example: dict[str, Any], generated: str) -> dict[str, Any]:
     """One line of the per-example dump: question, generated text, extracted answer, gold, score
     (Countdown also keeps `numbers` and `target`, so the dump re-scores on its own)."""
@@ -142,8 +182,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     """One row per model: n, accuracy ± stderr, mean score ± stderr (percent)."""
     lines = [f"{results['task']} ({results['source'].get('file') or results['source'].get('split')}), "
              f"greedy, up to {results['max_new_tokens']} new tokens\n",
-             "| model | n | accuracy (%) | mean score (%) |", "|---|---|---|---|"]
+             "| model | n | accuracy (%) | mean score (%) | answer NLL (nats/token) |", "|---|---|---|---|---|"]
     for name, r in results["results"].items():
+        nll = f"{r['answer_nll']:.3f} ± {r['answer_nll_stderr']:.3f}" if "answer_nll" in r else "-"
         lines.append(f"| {name} | {r['n']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_stderr']:.1f} "
-                     f"| {100 * r['mean_score']:.1f} ± {100 * r['mean_score_stderr']:.1f} |")
+                     f"| {100 * r['mean_score']:.1f} ± {100 * r['mean_score_stderr']:.1f} | {nll} |")
     return "\n".join(lines) + "\n"

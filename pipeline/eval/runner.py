@@ -194,27 +194,33 @@ def run_gsm8k(models: list[EvalModel], *, out: str | Path, test_file: str, train
 
 def run_reasoning(models: list[EvalModel], *, task: str, out: str | Path, data: str | None = None,
                   tokenizer: str | None = None, limit: int | None = None, batch_size: int = 16,
-                  max_new_tokens: int = rs.MAX_NEW_TOKENS, dump: str | None = None, mlflow_run: str | None = None,
-                  mlflow_experiment: str | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
-    """Accuracy and mean score of each model on one reasoning task (`pipeline.eval.reasoning`):
-    `data` (a task file) or the task's evaluation split; OUT/reasoning.{json,md}; with `dump`,
-    one JSON line per (model, example)."""
+                  max_new_tokens: int = rs.MAX_NEW_TOKENS, dump: str | None = None, dump_nll: str | None = None,
+                  mlflow_run: str | None = None, mlflow_experiment: str | None = None,
+                  bar: Bar = _no_bar) -> dict[str, Any]:
+    """Accuracy, mean score and teacher-forced answer NLL of each model on one reasoning task
+    (`pipeline.eval.reasoning`): `data` (a task file) or the task's evaluation split;
+    OUT/reasoning.{json,md}; with `dump`, one JSON line per (model, example); with `dump_nll`,
+    the per-example answer NLL in the per-site dump format."""
     tok = resolve_tokenizer(models, tokenizer)
     examples, source = rs.task_examples(task, data, limit)
-    table, records = {}, {}
+    table, records, nll_records = {}, {}, {}
     for m in models:
         with _shown(bar, len(examples), f"{m.name} {task}") as progress:
             r = rs.evaluate_reasoning(m, tok, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                       progress=_from_increments(progress, len(examples)))
         records[m.name] = r.pop("records")
-        table[m.name] = {"model": m.describe(), **r}
+        nll = rs.answer_nll(m, tok, examples, batch_size=batch_size)
+        nll_records[m.name] = nll.pop("records")
+        table[m.name] = {"model": m.describe(), **r, **nll}
     results = {"task": task, "source": source, "n": len(examples), "max_new_tokens": max_new_tokens,
-               "stop": list(rs.STOP), "results": table}
+               "stop": list(rs.STOP), "answer_side": rs.ANSWER_SIDE, "results": table}
     files = write_results(results, out, "reasoning", rs.markdown_table(results))
     if dump:
         rs.write_dump(dump, records)
+    if dump_nll:
+        rs.write_dump(dump_nll, nll_records)
     metrics = [(f"reasoning/{task}/{name}/{key}", r[key], None) for name, r in table.items()
-               for key in ("accuracy", "accuracy_stderr", "mean_score")]
+               for key in ("accuracy", "accuracy_stderr", "mean_score", "answer_nll", "answer_nll_stderr")]
     log_mlflow(metrics, files, run_id=mlflow_run, experiment=mlflow_experiment,
                params={"eval.reasoning.task": task, "eval.reasoning.source": source, "eval.reasoning.n": len(examples)})
     results["files"] = [str(f) for f in files]

@@ -124,6 +124,33 @@ def test_cli_surface():
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     args = cli.parse(["reasoning", "--task", "gsm8k", "--model", "a", "--model", "b", "--data", "f.json", "--limit",
-                      "3", "--batch-size", "4", "--dump", "d.jsonl", "--max-new-tokens", "9"])
+                      "3", "--batch-size", "4", "--dump", "d.jsonl", "--max-new-tokens", "9", "--dump-nll", "n.jsonl"])
+    assert args.dump_nll == "n.jsonl"
     assert (args.task, args.model, args.data, args.limit, args.batch_size, args.dump, args.max_new_tokens) == (
         "gsm8k", ["a", "b"], "f.json", 3, 4, "d.jsonl", 9)
+
+
+def test_dump_nll_rescores_exactly_through_the_models_own_scorer(exports, gpt2_tokenizer_dir, tmp_path):
+    """Each `--dump-nll` line (batched, padded) equals scoring that example alone with `score_sites`
+    at its question's last token; the table's answer NLL is the mean of the lines' means."""
+    import torch
+
+    data = save_examples(tmp_path / "cd.json", countdown.generate_countdown("eval", 5, operands=3, seed=2))
+    models = runner.load_models([str(exports["liu"]), str(exports["h1"]), str(exports["hf_base"])], device="cpu")
+    dump = tmp_path / "nll.jsonl"
+    res = runner.run_reasoning(models, task="countdown", out=tmp_path / "e", data=str(data),
+                               tokenizer=str(gpt2_tokenizer_dir), batch_size=3, max_new_tokens=4, dump_nll=str(dump))
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    for m in models:
+        mine = [r for r in lines if r["model"] == m.name]
+        assert len(mine) == 5
+        for r, ex in zip(mine, countdown.generate_countdown("eval", 5, operands=3, seed=2), strict=True):
+            assert r["context"] == tok.encode_batch([prompt_text(ex)])[0]
+            assert tok.decode(r["targets"][:-1]) == target_text(ex, cot=False) and r["targets"][-1] == tok.eos_id
+            alone = m.score_sites(torch.tensor([r["context"] + r["targets"] + [0]]),
+                                  torch.tensor([[len(r["context"]) - 1]]), len(r["targets"]))[0, 0]
+            torch.testing.assert_close(torch.tensor(r["nll"]), alone, atol=1e-5, rtol=0)
+        mean = sum(sum(r["nll"]) / len(r["nll"]) for r in mine) / 5
+        assert res["results"][m.name]["answer_nll"] == pytest.approx(mean)
+    assert "answer NLL" in (tmp_path / "e" / "reasoning.md").read_text()
