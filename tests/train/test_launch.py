@@ -34,6 +34,9 @@ def test_presets_exist_for_every_variant_and_real_sizes():
     reasoning = {f"reason-{t}-{c}{size}" for t in ("gsm8k", "prosqa", "countdown") for c in ("cot", "nocot")
                  for size in ("", "-gpt2-124m")}
     assert reasoning <= set(PRESETS)
+    latent = {f"reason-{t}-{v}{size}" for t in ("gsm8k", "prosqa", "countdown")
+              for v in ("liu", "h1", "h2", "soft_embedding", "pause") for size in ("", "-gpt2-124m")}
+    assert latent <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -43,6 +46,9 @@ def test_every_preset_loads(name):
     if kind == "dual_pretraining":
         assert cfg == load_config(name)  # presets without `task:` are what load_config reads
         assert cfg.dual.spec  # a known variant
+    elif kind == "latent_sft":  # from the task's CoT fine-tune, the variant its name says
+        task = name.split("-")[1]
+        assert cfg.model.path.startswith(f"runs/reason-{task}-cot") and f"-{cfg.dual.variant}" in name
     else:
         assert kind == "reasoning_sft" and name.startswith("reason-")
         assert cfg.data.cot == ("-cot" in name)
