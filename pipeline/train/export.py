@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.tasks import finetune  # noqa: F401 - registers the built-in task kind reasoning_sft
+from pipeline.tasks import coconut, finetune  # noqa: F401 - register the built-in task kinds coconut, reasoning_sft
 from pipeline.train import dual_task  # noqa: F401 - registers the built-in task kind
 from pipeline.train.checkpoint import read_record
 from pipeline.train.task import get_task
