@@ -152,3 +152,17 @@ def test_zero2_run_resets_moments_at_stage_changes_and_exports_for_evaluate(mini
         new = ref.greedy(model.coconut.lm, model.coconut.markers, prompt, 2, 8, tok.eos_id)
         text = tok.decode([t for t in new if t != tok.eos_id]).split("\n\n")[0]
         assert rec["generated"] == text
+
+
+@pytest.mark.parametrize("task,c,epochs,stages", [("prosqa", 1, 5, 6), ("gsm8k", 2, 3, 3)])
+def test_paper_size_presets_carry_coconuts_curricula(task, c, epochs, stages):
+    from pipeline.train.configs import load_task_config
+
+    kind, cfg = load_task_config(f"reason-{task}-coconut-gpt2-124m")
+    cur = cfg.curriculum
+    assert kind == "coconut" and cfg.model.preset == "gpt2-124m" and cur.reset_optimizer
+    assert (cur.latents_per_step, cur.epochs_per_stage, cur.max_stage) == (c, epochs, stages)
+    _, tiny = load_task_config(f"reason-{task}-coconut")
+    assert (tiny.curriculum.latents_per_step, tiny.curriculum.max_stage) == (c, stages)  # tiny: same shape
+    _, countdown = load_task_config("reason-countdown-coconut-gpt2-124m")
+    assert countdown.curriculum.schedule == "none" and countdown.curriculum.n_latents == 8

@@ -43,15 +43,16 @@ def test_every_preset_loads(name):
     if kind == "dual_pretraining":
         assert cfg == load_config(name)  # presets without `task:` are what load_config reads
         assert cfg.dual.spec  # a known variant
+    elif kind == "reasoning_sft":
+        assert name.startswith("reason-") and cfg.data.cot == ("-cot" in name)
     else:
-        assert kind == "reasoning_sft" and name.startswith("reason-")
-        assert cfg.data.cot == ("-cot" in name)
+        assert name.startswith("reason-") and f"-{kind}" in name  # e.g. reason-prosqa-coconut
     assert load_task(name).kind == kind
     from pipeline.models import preset
 
     if not cfg.model.path:
         mc = preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
-        if kind == "reasoning_sft":
+        if kind != "dual_pretraining":
             assert cfg.data.max_len <= mc.max_position_embeddings
 
 
