@@ -10,7 +10,8 @@ three whatever N_L (paper `000` estimates the ratio (N_L + 1) / 3, ≈ 5.7x at N
 - "train step": loss, backward and AdamW on a batch (`CoconutLM.forward`, the task's path);
 - "infer / example": `CoconutLM.generate_batch` of `--answer` greedy tokens for the batch
   (thoughts, then KV-cached decoding, no early stop), divided by the batch size;
-- "plain step": a causal-LM step of the same model on question + answer (no thoughts), for scale.
+- "plain step": a causal-LM step of the same model on question + answer (no thoughts), for scale,
+  timed round-robin with the other two (a noisy neighbour slows all three alike).
 
 `coconut_steps` returns the step callables, so another suite (the dual Hyp. 2 side) can time
 its own candidates round-robin with these (`pipeline.models.benchmark.time_interleaved`) on
@@ -90,11 +91,12 @@ def plain_step(config: ModelConfig, shape: Shape, *, seed: int = 0) -> Callable[
 
 def time_coconut(config: ModelConfig, n_latents: int, shape: Shape, *, rounds: int = 5, warmup: int = 1
                  ) -> dict[str, float]:
-    """Median seconds of a training step and of inference per example (plus the pass count)."""
-    steps = coconut_steps(config, n_latents, shape)
+    """Median seconds of a training step and of inference per example (plus the pass count), timed
+    round-robin with a plain causal-LM step of the same model (`plain_step_s`)."""
+    steps = coconut_steps(config, n_latents, shape) | {"plain": plain_step(config, shape)}
     t = time_interleaved(steps, rounds, warmup, torch.device("cpu"))
     return {"n_latents": n_latents, "passes": n_latents + 1, "train_step_s": t["train"],
-            "infer_per_example_s": t["infer"] / shape.batch}
+            "infer_per_example_s": t["infer"] / shape.batch, "plain_step_s": t["plain"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,18 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--question", type=int, default=128)
     ap.add_argument("--answer", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = bench_config(args.preset, n_layer=args.layers, d_model=args.d_model)
     shape = Shape(args.batch, args.question, args.answer)
     print(f"cpu, threads {torch.get_num_threads()}, {args.preset} {args.layers} layers d={args.d_model} "
           f"vocab {config.vocab_size}; batch {shape.batch}, question {shape.question}, answer {shape.answer} tokens")
-    plain = time_interleaved({"plain": plain_step(config, shape)}, args.rounds, 1, torch.device("cpu"))["plain"]
-    print(f"plain LM step (no thoughts): {1e3 * plain:.1f} ms\n")
-    print("| N_L | passes | train step (ms) | x plain | infer / example (ms) |")
-    print("|---|---|---|---|---|")
+    print("| N_L | passes | train step (ms) | plain LM step (ms) | train / plain | infer / example (ms) |")
+    print("|---|---|---|---|---|---|")
     for n in args.n_latents:
         r = time_coconut(config, n, shape, rounds=args.rounds)
-        print(f"| {n} | {r['passes']} | {1e3 * r['train_step_s']:.1f} | {r['train_step_s'] / plain:.2f} "
-              f"| {1e3 * r['infer_per_example_s']:.2f} |", flush=True)
+        print(f"| {n} | {r['passes']} | {1e3 * r['train_step_s']:.1f} | {1e3 * r['plain_step_s']:.1f} "
+              f"| {r['train_step_s'] / r['plain_step_s']:.2f} | {1e3 * r['infer_per_example_s']:.2f} |", flush=True)
     return 0

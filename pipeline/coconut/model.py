@@ -139,6 +139,19 @@ class CoconutLM(nn.Module):
         nll, hits, mask = self.answer_nll(question, q_len, rest, rest_len, n_latents)
         return nll.sum(), mask.sum(), hits.sum()
 
+    @torch.no_grad()
+    def score_answers(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
+                      n_latents: int) -> list[list[float]]:
+        """Teacher-forced NLL of each target (ids, e.g. answer side + EOS) after its context (the
+        question's ids), <bot>, n thoughts and <eot>: one list of per-token NLLs per example."""
+        if any(len(t) == 0 for t in targets):
+            raise PipelineError("coconut: every target needs at least one token")
+        device = next(self.parameters()).device
+        question, q_len = right_pad(contexts, device)
+        rest, rest_len = right_pad(targets, device)
+        nll, _, _ = self.answer_nll(question, q_len, rest, rest_len, n_latents)
+        return [row[: len(t)].tolist() for row, t in zip(nll.float().cpu(), targets, strict=True)]
+
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def generate_batch(self, prompts: Sequence[Sequence[int]], *, n_latents: int,

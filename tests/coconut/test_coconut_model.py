@@ -90,6 +90,18 @@ def test_per_token_nll_matches_reference_row_by_row():
             assert (nll[b, ~mask[b]] == 0).all()
 
 
+def test_score_answers_is_the_per_example_nll():
+    """What a per-example NLL dump (`--dump-nll`) would write for a coconut export."""
+    model = make("gpt2-tiny", seed=4).eval()
+    qs, rs = examples(4)
+    scored = model.score_answers(qs, rs, n_latents=2)
+    for q, r, got in zip(qs, rs, scored, strict=True):
+        with torch.no_grad():
+            want = ref.example_nll(model.lm, model.markers, q, r, 2)
+        assert len(got) == len(r)
+        torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n", [0, 5])
 def test_batched_greedy_equals_unbatched_decode_per_example(family, n):
