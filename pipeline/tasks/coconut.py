@@ -20,6 +20,10 @@ With `curriculum.reset_optimizer` the optimizer's moments are zeroed at the firs
 each new stage (`before_step`; `pipeline.train.optimizer_state`). Validation runs at the
 current stage.
 
+`model.path` may be a Hugging Face directory or an export (its `base/`): a CoT fine-tune,
+as Coconut starts GSM8K from one (then `curriculum.first_stage: 1`), or a coconut export,
+whose <bot>/<eot> embeddings are then kept as well.
+
 Export: `pipeline.coconut.export` (variant `coconut`, `base/` with the tokenizer's files,
 the marker embeddings, and the final stage's thought count, which evaluation uses).
 """
@@ -33,9 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from pipeline.coconut import CoconutLM, export_coconut
+from pipeline.coconut.export import MARKERS_FILE
 from pipeline.config import from_dict
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import PipelineError
@@ -156,10 +162,20 @@ class CoconutTask(Task):
         self.valid_rows = self.encode(d.valid_file, "valid", tok)
         self.layout = layout
         self.order = BatchOrder(len(self.train_rows), d.seed, layout.micro_batch, layout.accumulation, layout.world)
-        self.model = CoconutLM(build_lm(self.config, self.tokenizer))
+        self.model = CoconutLM(build_lm(self.config, self.tokenizer), self.start_markers())
         self.n_matmul = self.model.lm.num_params(matmul_only=True)
         log.info("coconut curriculum: %s", self.curriculum.describe())
         return self.model
+
+    def start_markers(self) -> Tensor | None:
+        """The <bot>/<eot> rows of a coconut export that `model.path` names (training continues
+        from it), else None: fresh markers, a copy of EOS's embedding."""
+        path = self.config.model.path
+        if path and (Path(path) / MARKERS_FILE).is_file():
+            tensors = load_file(str(Path(path) / MARKERS_FILE))
+            log.info("markers from %s", path)
+            return torch.stack([tensors["bot"], tensors["eot"]])
+        return None
 
     def before_step(self, step: int, engine: Any) -> None:
         stage = self.stage_at(step)

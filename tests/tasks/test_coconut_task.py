@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))  # this module importable by the spawned rank
 
@@ -166,3 +167,20 @@ def test_paper_size_presets_carry_coconuts_curricula(task, c, epochs, stages):
     assert (tiny.curriculum.latents_per_step, tiny.curriculum.max_stage) == (c, stages)  # tiny: same shape
     _, countdown = load_task_config("reason-countdown-coconut-gpt2-124m")
     assert countdown.curriculum.schedule == "none" and countdown.curriculum.n_latents == 8
+
+
+def test_training_continues_from_a_coconut_export_with_its_markers(mini, tmp_path):
+    from pipeline.coconut import CoconutLM, export_coconut
+    from pipeline.models import build_model, preset
+
+    file, _ = mini
+    torch.manual_seed(0)
+    lm = build_model(preset("gpt2-tiny", **TINY))
+    export_coconut(CoconutLM(lm, torch.randn(2, 64)), tmp_path / "export", n_latents=2)
+    cfg = config(file)
+    cfg.model.path, cfg.model.overrides = str(tmp_path / "export"), {}
+    task = CoconutTask(cfg)
+    model = task.build(BatchLayout(4, 1, 1, 0, torch.device("cpu")))
+    markers = load_file(str(tmp_path / "export" / "markers.safetensors"))
+    torch.testing.assert_close(model.markers.data, torch.stack([markers["bot"], markers["eot"]]))
+    torch.testing.assert_close(model.lm.lm_head.weight, lm.lm_head.weight)
