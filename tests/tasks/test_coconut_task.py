@@ -101,18 +101,29 @@ class Recording(CoconutTask):
                                 if torch.is_tensor(t)))
 
 
-def coconut_rank(out: str, train_file: str, reset: bool) -> dict:
+def coconut_rank(out: str, train_file: str, reset: bool, ds_config: str = "zero2_cpu.json",
+                 export: bool = True) -> dict:
     from pipeline.train.trainer import train
 
-    ds = json.loads((ROOT / "ds_configs" / "zero2_cpu.json").read_text())
+    ds = json.loads((ROOT / "ds_configs" / ds_config).read_text())
     ds |= {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1}
     ds["optimizer"]["params"]["lr"] = 3e-3
     cfg = config(Path(train_file), reset_optimizer=reset)
     cfg.train.output_dir, cfg.train.max_steps, cfg.train.eval_every, cfg.train.eval_sequences = out, 5, 0, 4
+    cfg.train.export = export
     task = Recording(cfg)
     res = train(task, ds)
     return {"export": str(res.export_dir), "moments": task.moments, "resets": task.resets,
             "zero_stage": res.engine.zero_optimization_stage()}
+
+
+def test_zero3_resets_the_partitioned_moments(mini, tmp_path):
+    """Under ZeRO-3 the moments live in the torch optimizer inside DeepSpeed's stage-3 wrapper,
+    over this rank's flat fp32 partitions; they too read zero right after each reset."""
+    file, _ = mini
+    (r,) = run_distributed(coconut_rank, str(tmp_path / "run"), str(file), True, "zero3.json", False, world_size=1)
+    assert r["zero_stage"] == 3 and r["resets"] == [2, 4]
+    assert r["moments"][2] == r["moments"][4] == 0 and r["moments"][1] > 0 and r["moments"][3] > 0
 
 
 def test_zero2_run_resets_moments_at_stage_changes_and_exports_for_evaluate(mini, tmp_path):
