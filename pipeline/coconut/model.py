@@ -95,8 +95,11 @@ class CoconutLM(nn.Module):
             return cache, valid, None
         for j in range(1, n_latents):  # thought j in, thought j + 1 out
             valid = torch.cat([valid, valid.new_ones(b, 1)], dim=1)
+            # one query per row: SDPA with a small dense mask (a FlexAttention BlockMask would be
+            # rebuilt, and its kernel recompiled, for every new key length; as in decoding)
+            mask = causal(1, valid.shape[1], key_valid=valid, backend="sdpa")
             out = self.lm(inputs_embeds=thought, position_ids=(q_len + j)[:, None], prefix_kv=cache,
-                          attention=causal(1, valid.shape[1], key_valid=valid), return_kv=True, return_logits=False)
+                          attention=mask, return_kv=True, return_logits=False)
             cache, thought = _cat(cache, out.kv), out.hidden_states
         return cache, valid, thought
 
