@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="gpt2-tiny", help="model family preset (resized to --layers/--d-model)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=50257, help="vocabulary (the head and embedding's share of a step)")
     ap.add_argument("--n-latents", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--question", type=int, default=128)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = bench_config(args.preset, n_layer=args.layers, d_model=args.d_model)
+    config = bench_config(args.preset, n_layer=args.layers, d_model=args.d_model, vocab_size=args.vocab,
+                          eos_token_id=min(50256, args.vocab - 1))
     shape = Shape(args.batch, args.question, args.answer)
     print(f"cpu, threads {torch.get_num_threads()}, {args.preset} {args.layers} layers d={args.d_model} "
           f"vocab {config.vocab_size}; batch {shape.batch}, question {shape.question}, answer {shape.answer} tokens")
