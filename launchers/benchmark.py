@@ -5,7 +5,7 @@
     python launchers/benchmark.py dual  [--help]   # packed three-pass step vs per-site loop
     python launchers/benchmark.py eval  [--help]   # ppl-at-k sites/s, multiple-choice questions/s
     python launchers/benchmark.py train [--help]   # training tokens/s per variant under DeepSpeed
-    python launchers/benchmark.py latent [--help]  # dual Hyp. 2 vs Coconut: step and inference at N_L = 4, 8, 16
+    python launchers/benchmark.py coconut [--help] # Coconut vs dual Hyp. 2: train step and inference at N_L = 4, 8, 16
 
 Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
 this file only dispatches, importing the suite it runs and nothing else.
@@ -22,7 +22,7 @@ SUITES = {
     "dual": "pipeline.dual.benchmark",
     "eval": "pipeline.eval.benchmark",
     "train": "pipeline.train.benchmark",
-    "latent": "pipeline.tasks.benchmark",
+    "coconut": "pipeline.coconut.benchmark",
 }
 
 

@@ -7,6 +7,8 @@
 
 A plain checkpoint is wrapped as the `continued_pretraining` row (no augmentation), so
 both kinds go through the same `DualModel` scorer; `augments` says which one it is.
+A Coconut export (variant `coconut`) loads as `CoconutEvalModel`: generation thinks with
+the final stage's thought count; per-site scoring (ppl-at-k, mc) is refused for it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.coconut import CoconutLM, load_coconut
+from pipeline.coconut.export import is_coconut
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.dual import DualConfig, DualModel, augment_and_generate, load_dual, read_pipeline_json
 from pipeline.dual.inference import augment_and_generate_batch
@@ -94,6 +98,23 @@ class EvalModel:
                                      greedy=True)
 
     @torch.no_grad()
+    def score_answers(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Teacher-forced NLL of each target (a list of ids) after its context, augmented once at
+        the context's last token: one site per row through `score_sites`, rows right-padded."""
+        k = max(len(t) for t in targets)
+        too_long = [i for i, c in enumerate(contexts) if len(c) - 1 > self.last_site(k)]
+        if too_long:
+            raise PipelineError(f"example {too_long[0]}: its prompt ({len(contexts[too_long[0]])} tokens) and "
+                                f"{k} answer tokens do not fit the {self.max_positions} positions of {self.name}")
+        width = max(len(c) for c in contexts) + k + 1
+        ids = torch.zeros((len(contexts), width), dtype=torch.long)
+        for i, (c, t) in enumerate(zip(contexts, targets, strict=True)):
+            ids[i, : len(c) + len(t)] = torch.tensor([*c, *t])
+        sites = torch.tensor([[len(c) - 1] for c in contexts])
+        nll = self.score_sites(ids, sites, k).cpu()  # (B, 1, k)
+        return [nll[i, 0, : len(t)].tolist() for i, t in enumerate(targets)]
+
+    @torch.no_grad()
     def generate(self, prompt_ids: Tensor, *, max_new_tokens: int, eos_token_id: int | None) -> Tensor:
         """Greedy continuation `(B, max_new_tokens)`, augmenting once at the prompt's end."""
         return augment_and_generate(self.dual, prompt_ids.to(self.device), max_new_tokens=max_new_tokens,
@@ -114,6 +135,61 @@ class EvalModel:
         return augment_and_generate_batch(self.dual, prompts, max_new_tokens=max_new_tokens,
                                           eos_token_id=eos_token_id, stop=stop, stop_strings=stop_strings,
                                           decode=decode)
+
+
+@dataclasses.dataclass
+class CoconutEvalModel(EvalModel):
+    """A Coconut export: question, <bot>, `n_latents` continuous thoughts, <eot>, then decoding.
+
+    `dual` is its LM as the plain `continued_pretraining` row (for what reads the Base's
+    config); scoring through it would skip the thoughts, so the scorers refuse."""
+
+    coconut: CoconutLM | None = None
+    n_latents: int = 0
+
+    @property
+    def augments(self) -> bool:
+        return True
+
+    @property
+    def variant(self) -> str:
+        return "coconut"
+
+    def last_site(self, k: int, augment: bool = True) -> int:
+        return self.coconut.max_prompt(self.n_latents, k) - 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "variant": "coconut", "n_latents": self.n_latents,
+                "n_ahead": 0}
+
+    def score_sites(self, *args, **kwargs) -> Tensor:
+        raise PipelineError(f"{self.path}: a coconut export is evaluated by `evaluate.py reasoning`; per-site "
+                            "scoring (ppl-at-k, mc) is not defined for it")
+
+    site_logprobs = score_sites
+
+    @torch.no_grad()
+    def score_answers(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each target's NLL after its context, <bot>, the final stage's thoughts and <eot>."""
+        return self.coconut.score_answers(contexts, targets, n_latents=self.n_latents)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, *, max_new_tokens: int, eos_token_id: int | None) -> Tensor:
+        rows = self.generate_batch(prompt_ids.tolist(), max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        fill = eos_token_id if eos_token_id is not None else 0
+        out = torch.full((len(rows), max_new_tokens), fill, dtype=torch.long)
+        for r, new in enumerate(rows):
+            out[r, : len(new)] = torch.tensor(new, dtype=torch.long)
+        return out.to(prompt_ids.device)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                       eos_token_id: int | None, stop: Sequence[Sequence[int]] | None = None,
+                       stop_strings: Sequence[str] | None = None,
+                       decode: Callable[[list[int]], str] | None = None) -> list[list[int]]:
+        return self.coconut.generate_batch(prompts, n_latents=self.n_latents, max_new_tokens=max_new_tokens,
+                                           eos_token_id=eos_token_id, stop=stop, stop_strings=stop_strings,
+                                           decode=decode)
 
 
 def generate_all(model: EvalModel, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
@@ -143,6 +219,11 @@ def load_eval_model(path: str | Path, *, device: str | torch.device = "cpu",
     name = name or path.name
     if (path / "pipeline.json").is_file():
         meta = read_pipeline_json(path)
+        if is_coconut(meta):
+            coconut, meta = load_coconut(path, device=device, dtype=dtype)
+            plain = DualModel(coconut.lm, DualConfig(variant="continued_pretraining", n_sites=1), eos_id=meta["eos_id"])
+            log.info("loaded coconut export %s (%d thoughts)", path, meta["n_latents"])
+            return CoconutEvalModel(name, path, plain.eval(), meta, coconut=coconut, n_latents=meta["n_latents"])
         dual = load_dual(path, device=device).to(dtype)
         log.info("loaded export %s (variant %s)", path, meta["variant"])
         return EvalModel(name, path, dual.eval(), meta)

@@ -115,7 +115,8 @@ def answer_nll(model: EvalModel, tok: Tokenizer, examples: list[dict[str, Any]],
     context = the prompt's ids (`prompt_text`, tokenized alone, as generation uses it);
     targets = `target_text(ex, cot=False)` + EOS ("### answer" and EOS): the same tokens for
     every model, so a CoT model is scored on answering directly. Through the model's own
-    per-site scorer (`score_sites`, one site per row at the prompt's last token). Returns
+    scorer (`EvalModel.score_answers`: `score_sites` with one site per row at the prompt's last
+    token; a Coconut export thinks first). Returns
     the mean per-example answer NLL (nats/token) ± stderr over examples, and one record per
     example in DESIGN.md §3's per-site dump format: {"context", "targets", "nll"}.
     """
@@ -124,19 +125,8 @@ def answer_nll(model: EvalModel, tok: Tokenizer, examples: list[dict[str, Any]],
     records = []
     for a in range(0, len(examples), batch_size):
         ctx, tgt = contexts[a: a + batch_size], targets[a: a + batch_size]
-        k = max(len(t) for t in tgt)
-        too_long = [a + i for i, c in enumerate(ctx) if len(c) - 1 > model.last_site(k)]
-        if too_long:
-            raise PipelineError(f"example {too_long[0]}: its prompt ({len(contexts[too_long[0]])} tokens) and "
-                                f"{k} answer tokens do not fit the {model.max_positions} positions of {model.name}")
-        width = max(len(c) for c in ctx) + k + 1
-        ids = torch.full((len(ctx), width), tok.eos_id, dtype=torch.long)
-        for i, (c, t) in enumerate(zip(ctx, tgt, strict=True)):
-            ids[i, : len(c) + len(t)] = torch.tensor(c + t)
-        sites = torch.tensor([[len(c) - 1] for c in ctx])
-        nll = model.score_sites(ids, sites, k).cpu()  # (B, 1, k)
-        records += [{"context": c, "targets": t, "nll": nll[i, 0, : len(t)].tolist()}
-                    for i, (c, t) in enumerate(zip(ctx, tgt, strict=True))]
+        nll = model.score_answers(ctx, tgt)
+        records += [{"context": c, "targets": t, "nll": n} for c, t, n in zip(ctx, tgt, nll, strict=True)]
     per_example = [sum(r["nll"]) / len(r["nll"]) for r in records]
     return {"answer_nll": sum(per_example) / len(per_example), "answer_nll_stderr": stderr_of_mean(per_example),
             "records": records}

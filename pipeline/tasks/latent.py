@@ -49,7 +49,6 @@ from pipeline.errors import PipelineError
 from pipeline.models import CausalLM, ModelConfig, build_model
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
 from pipeline.tasks.finetune import (
-    IGNORE,
     ReasoningData,
     build_lm,
     copy_tokenizer,

@@ -14,7 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.tasks import finetune, latent  # noqa: F401 - register the task kinds reasoning_sft, latent_sft
+from pipeline.tasks import coconut, finetune, latent  # noqa: F401 - register the task kinds coconut, reasoning_sft, latent_sft
 from pipeline.train import dual_task  # noqa: F401 - registers the built-in task kind
 from pipeline.train.checkpoint import read_record
 from pipeline.train.task import get_task

@@ -49,15 +49,16 @@ def test_every_preset_loads(name):
     elif kind == "latent_sft":  # from the task's CoT fine-tune, the variant its name says
         task = name.split("-")[1]
         assert cfg.model.path.startswith(f"runs/reason-{task}-cot") and f"-{cfg.dual.variant}" in name
+    elif kind == "reasoning_sft":
+        assert name.startswith("reason-") and cfg.data.cot == ("-cot" in name)
     else:
-        assert kind == "reasoning_sft" and name.startswith("reason-")
-        assert cfg.data.cot == ("-cot" in name)
+        assert name.startswith("reason-") and f"-{kind}" in name  # e.g. reason-prosqa-coconut
     assert load_task(name).kind == kind
     from pipeline.models import preset
 
     if not cfg.model.path:
         mc = preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
-        if kind == "reasoning_sft":
+        if kind != "dual_pretraining":
             assert cfg.data.max_len <= mc.max_position_embeddings
 
 
