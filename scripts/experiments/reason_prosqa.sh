@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${1:-0}; shift || true
-STAGES=${*:-data base nocot pause soft_embedding liu h1 h2 eval}
+STAGES=${*:-data base nocot pause soft_embedding liu h1 h2 coconut eval}
 ROOT=runs/r15/seed$SEED
 T=runs/tasks
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -38,6 +38,8 @@ PY
     nocot) [ -d $ROOT/nocot/export ] || run --config reason-prosqa-nocot $MODEL $DATA model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/nocot ;;
     pause|soft_embedding|liu|h1|h2)
       [ -d $ROOT/$stage/export ] || run --config reason-prosqa-$stage $DATA $CUR model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/$stage ;;
+    coconut)  # the same Base, curriculum and budget; Coconut's stage 0 (full CoT) trains too, as h2's does
+      [ -d $ROOT/coconut/export ] || run --config reason-prosqa-coconut $MODEL $DATA $CUR model.path=$ROOT/cot/export curriculum.first_stage=0 train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/coconut ;;
     eval)
       models=()
       for m in cot nocot pause soft_embedding liu h1 h2 coconut; do [ -d $ROOT/$m/export ] && models+=(--model $ROOT/$m/export); done
