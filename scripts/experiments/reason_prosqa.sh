@@ -35,11 +35,11 @@ with open("runs/tasks/prosqa-train-text.jsonl", "w") as f:
 PY
       python -m data_prep tokenizer train --input $T/prosqa-train-text.jsonl --output $T/prosqa-spm --vocab-size 512 ;;
     base)  [ -d $ROOT/cot/export ] || run --config reason-prosqa-cot $MODEL $DATA train.max_steps=800 train.eval_every=200 train.output_dir=$ROOT/cot ;;
-    nocot) [ -d $ROOT/nocot/export ] || run --config reason-prosqa-nocot $MODEL $DATA model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/nocot ;;
+    nocot) [ -d $ROOT/nocot/export ] || run --config reason-prosqa-nocot $DATA 'model.overrides={}' model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/nocot ;;
     pause|soft_embedding|liu|h1|h2)
       [ -d $ROOT/$stage/export ] || run --config reason-prosqa-$stage $DATA $CUR model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/$stage ;;
     coconut)  # the same Base, curriculum and budget; Coconut's stage 0 (full CoT) trains too, as h2's does
-      [ -d $ROOT/coconut/export ] || run --config reason-prosqa-coconut $MODEL $DATA $CUR model.path=$ROOT/cot/export curriculum.first_stage=0 train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/coconut ;;
+      [ -d $ROOT/coconut/export ] || run --config reason-prosqa-coconut $DATA $CUR 'model.overrides={}' model.path=$ROOT/cot/export curriculum.first_stage=0 train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/coconut ;;
     eval)
       models=()
       for m in cot nocot pause soft_embedding liu h1 h2 coconut; do [ -d $ROOT/$m/export ] && models+=(--model $ROOT/$m/export); done
