@@ -86,6 +86,27 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self._call("log_metrics", self._mlflow.log_metrics if self.active else None, metrics, step=step)
 
+    def drop_rows_after(self, step: int) -> int:
+        """Remove the metrics.jsonl rows of steps after `step` (a resumed run replays them,
+        and would otherwise log each twice); the number of rows dropped."""
+        if not (self.is_rank0 and self.metrics_file.is_file()):
+            return 0
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a row torn by the kill: dropped with the replayed ones
+        if len(kept) < len(lines):
+            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_file)
+            log.info("%s: dropped %d rows after step %d (replayed on resume)", self.metrics_file,
+                     len(lines) - len(kept), step)
+        return len(lines) - len(kept)
+
     def log_artifact(self, path: Path) -> None:
         if path.exists():
             self._call("log_artifact", self._mlflow.log_artifact if self.active else None, str(path))
