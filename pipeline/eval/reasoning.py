@@ -27,7 +27,7 @@ from typing import Any
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
 from pipeline.eval.gsm8k import cut_at_stop
-from pipeline.eval.models import EvalModel, generate_all
+from pipeline.eval.models import EvalModel, fit_prompts, generate_all
 from pipeline.eval.multiple_choice import _stderr as stderr_of_mean
 from pipeline.tasks import schema
 from pipeline.tasks.countdown import DEFAULT_N, generate_countdown
@@ -79,17 +79,13 @@ def evaluate_reasoning(model: EvalModel, tok: Tokenizer, task: str, examples: li
     allow (with `max_new_tokens` after them) keep their last tokens, with one warning."""
     if batch_size < 1:
         raise PipelineError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise PipelineError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not examples:
         raise PipelineError("no examples to evaluate")
-    keep = model.last_site(max_new_tokens) + 1
-    prompts = tok.encode_batch([prompt_text(ex) for ex in examples])
-    cut = sum(len(p) > keep for p in prompts)
+    prompts, cut = fit_prompts(model, tok.encode_batch([prompt_text(ex) for ex in examples]), max_new_tokens)
     if cut:
         log.warning("%d of %d prompts are longer than the %d tokens %s allows before %d new tokens; "
-                    "their first tokens are dropped", cut, len(prompts), keep, model.name, max_new_tokens)
-        prompts = [p[-keep:] for p in prompts]
+                    "their first tokens are dropped", cut, len(prompts), model.last_site(max_new_tokens) + 1,
+                    model.name, max_new_tokens)
     new = generate_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              eos_token_id=tok.eos_id, stop_strings=STOP, decode=tok.decode, progress=progress)
     records = []
