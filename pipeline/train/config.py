@@ -118,13 +118,21 @@ class TrainConfig:
     tracking: TrackingSection = dataclasses.field(default_factory=TrackingSection)
 
     def __post_init__(self) -> None:
-        # A fresh Base's positions are known from its preset now; a model.path's are checked
-        # when it loads (pipeline.train.dual_task.build_dual).
+        # The Base's positions are known now: from its preset, or from model.path's config.json
+        # (a path that is not there yet is reported when the run loads it).
+        where, positions = f"model preset {self.model.preset}", None
         if not self.model.path:
             positions = preset(self.model.preset, **self.model.overrides).max_position_embeddings
-            check([f"data.seq_len={self.data.seq_len} exceeds the max_position_embeddings={positions} of "
-                   f"model preset {self.model.preset}; lower data.seq_len or set "
-                   "model.overrides.max_position_embeddings"] if self.data.seq_len > positions else [])
+        else:
+            path = Path(self.model.path)
+            path = path / "base" if (path / "base" / "config.json").is_file() else path  # an export: its Base
+            if (path / "config.json").is_file():
+                from pipeline.models.hf import read_config
+
+                where, positions = str(path), read_config(path).max_position_embeddings
+        check([f"data.seq_len={self.data.seq_len} exceeds the max_position_embeddings={positions} of {where}; "
+               "lower data.seq_len" + ("" if self.model.path else " or set model.overrides.max_position_embeddings")]
+              if positions is not None and self.data.seq_len > positions else [])
 
 
 def preset_path(name_or_path: str) -> Path:

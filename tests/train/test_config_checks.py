@@ -72,3 +72,12 @@ def test_seq_len_beyond_positions_fails_before_distributed_start(capsys):
                         "data.path=nowhere", "data.seq_len=4096"])
     assert rc == 2 and "max_position_embeddings=128" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_seq_len_beyond_a_model_path_s_positions_is_a_config_error(tmp_path):
+    from pipeline.models import build_model, preset
+
+    build_model(preset("gpt2-tiny", vocab_size=64)).save_pretrained(tmp_path / "base")
+    with pytest.raises(PipelineError, match=r"data.seq_len=256 exceeds the max_position_embeddings=128 of .*base"):
+        load_config("tiny-liu", [f"model.path={tmp_path}", "data.seq_len=256"])
+    assert load_config("tiny-liu", [f"model.path={tmp_path}", "data.seq_len=128"]).data.seq_len == 128
