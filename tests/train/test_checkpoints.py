@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the toy task, importable by the spawned ranks
 
-from test_task_boundary import ToyRegression, _cfg, _ds, _metrics  # noqa: E402
+from tests.train.test_task_boundary import ToyRegression, _cfg, _ds, _metrics  # noqa: E402
 
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.train.testing import run_distributed  # noqa: E402
