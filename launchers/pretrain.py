@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     ap.add_argument("--config", help="preset name or YAML file; omit for the built-in default recipe")
-    ap.add_argument("--resume", help="'auto' (latest checkpoint in train.output_dir, if any) or a checkpoint path")
+    ap.add_argument("--resume", help="'auto' (the newest complete checkpoint in train.output_dir, if any) or a checkpoint path")
     ap.add_argument("--recipe", default="default", choices=["default", "compare"],
                     help="without --config: the main job (default) or every variant from one Base (compare)")
     ap.add_argument("--recipe-root", default="runs/default", help="where the recipes (no --config) work")

@@ -181,11 +181,12 @@ def verify(tag_dir: Path, *, share: tuple[int, int] = (0, 1), scan: bool = False
 
 
 def verify_on_all_ranks(tag_dir: Path, rank: int, world: int) -> dict[str, Any]:
-    """`verify` with the checksums split over the ranks; every rank raises the same error."""
+    """`verify` (with the unpickling scan) split over the ranks; every rank raises the same
+    error, so a bad file that only one rank would load cannot leave the others waiting."""
     import torch.distributed as dist
 
     try:
-        record, problem = verify(tag_dir, share=(rank, world)), None
+        record, problem = verify(tag_dir, share=(rank, world), scan=True), None
     except PipelineError as exc:
         record, problem = None, str(exc)
     problems = [problem]
@@ -280,9 +281,13 @@ def read_record(tag_dir: Path) -> dict[str, Any]:
     record_file, config_file = tag_dir / TASK_FILE, tag_dir / CONFIG_FILE
     if record_file.is_file():
         try:
-            return json.loads(record_file.read_text())
+            record = json.loads(record_file.read_text())
         except json.JSONDecodeError as exc:
             raise PipelineError(f"{record_file}: not valid JSON ({exc})") from None
+        if not (isinstance(record, dict) and isinstance(record.get("kind"), str)
+                and isinstance(record.get("config"), dict)):
+            raise PipelineError(f"{record_file}: expected an object with a task 'kind' and its 'config'")
+        return record
     if config_file.is_file():
         return {"kind": "dual_pretraining", "config": json.loads(config_file.read_text()), "meta": {}}
     raise PipelineError(f"{tag_dir}: not a checkpoint written by launchers/pretrain.py (no {TASK_FILE})")

@@ -22,12 +22,11 @@ from typing import Any
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # the toy task, importable by the spawned ranks
-
-from tests.train.test_task_boundary import ToyRegression, _cfg, _ds, _metrics  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # conftest, as test_task_boundary imports it in the ranks
 
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.train.testing import run_distributed  # noqa: E402
+from tests.train.test_task_boundary import ToyRegression, _cfg, _ds, _metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launchers"))
@@ -48,15 +47,15 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def plant_payload(tag_dir: Path, marker: Path) -> None:
-    """Replace the model states with a payload, and rewrite complete.json to vouch for it
+def plant_payload(tag_dir: Path, marker: Path, name: str = MODEL_FILE) -> None:
+    """Replace file `name` with a payload, and rewrite complete.json to vouch for it
     (an attacker edits both; the checksums are for accidents, not for attacks)."""
-    torch.save({"module": {}, "payload": Payload(marker)}, tag_dir / MODEL_FILE)
-    record = json.loads((tag_dir / "complete.json").read_text())
-    data = (tag_dir / MODEL_FILE).read_bytes()
     import hashlib
 
-    record["files"][MODEL_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    torch.save({"module": {}, "payload": Payload(marker)}, tag_dir / name)
+    record = json.loads((tag_dir / "complete.json").read_text())
+    data = (tag_dir / name).read_bytes()
+    record["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (tag_dir / "complete.json").write_text(json.dumps(record))
 
 
@@ -123,12 +122,13 @@ def checkpoint_checks(out: Path) -> dict[str, Any]:
         with open(ckpts / "step2" / RANK1_OPTIM, "r+b") as f:
             f.truncate(1000)
         plant_payload(ckpts / "step3", marker)
+        plant_payload(ckpts / "step4", marker, RANK1_OPTIM)  # read by rank 1 alone
         shutil.copytree(ckpts, out / "dangling")
         shutil.rmtree(out / "dangling" / "step6")  # `latest` names step6
     dist.barrier()
     r["errors"] = {}
     for name, what in {"flipped": ckpts / "step1", "truncated": ckpts / "step2", "payload": ckpts / "step3",
-                       "dangling": out / "dangling"}.items():
+                       "payload_rank1": ckpts / "step4", "dangling": out / "dangling"}.items():
         cfg = _cfg(out / f"resume_{name}")
         r["errors"][name] = _attempt(train, ToyRegression(cfg), _ds(2, 1), resume=str(what))
     r["resume_payload_ran"] = marker.exists()
@@ -179,6 +179,7 @@ def test_metrics_drop_rows_past_the_resumed_step(runs):
     ("flipped", f"step1/{MODEL_FILE}: its sha256 differs"),
     ("truncated", f"step2/{RANK1_OPTIM}: 1000 bytes, but"),
     ("payload", f"step3/{MODEL_FILE}: refused to load"),
+    ("payload_rank1", f"step4/{RANK1_OPTIM}: refused to load"),
     ("dangling", "names the tag 'step6'"),
 ])
 def test_resume_of_a_corrupt_checkpoint_is_a_clear_error_on_every_rank(runs, case, words):
@@ -189,7 +190,8 @@ def test_resume_of_a_corrupt_checkpoint_is_a_clear_error_on_every_rank(runs, cas
 
 def test_resume_never_runs_a_planted_payload(runs):
     (r0, _), _ = runs
-    assert r0["errors"]["payload"] is not None and not r0["resume_payload_ran"]
+    assert r0["errors"]["payload"] is not None and r0["errors"]["payload_rank1"] is not None
+    assert not r0["resume_payload_ran"]
 
 
 def test_export_never_runs_a_planted_payload(runs, tmp_path, capsys):
@@ -209,6 +211,7 @@ def test_export_never_runs_a_planted_payload(runs, tmp_path, capsys):
     ("truncate", "bytes, but"),
     ("dangling", "does not exist"),
     ("no_marker", "incomplete checkpoint"),
+    ("record", "expected an object with a task 'kind'"),
 ])
 def test_export_of_a_corrupt_checkpoint_is_a_clear_error(runs, tmp_path, capsys, damage, words):
     _, out = runs
@@ -223,8 +226,10 @@ def test_export_of_a_corrupt_checkpoint_is_a_clear_error(runs, tmp_path, capsys,
             f.truncate(100)
     elif damage == "dangling":
         (ckpts / "latest").write_text("step9")
-    else:
+    elif damage == "no_marker":
         (tag / "complete.json").unlink()
+    else:
+        (tag / "task.json").write_text("{}")
     assert export_cli.main([str(ckpts), str(tmp_path / "export")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and "Traceback" not in err
