@@ -257,3 +257,36 @@ def test_export_overwrite_replaces_only_a_previous_export(runs, tmp_path, capsys
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export_cli.main([tag, str(empty)]) == 0  # an empty directory is fine
+
+
+def save_every_precision(out: Path) -> dict[str, list[str]]:
+    """One step and a save of a small model under ZeRO 1-3 in bf16 and fp16 (the GPU configs'
+    precisions, which the CPU runs above turn off); the `.pt` files `safe_load` read back."""
+    import deepspeed
+    from torch import nn
+
+    from pipeline.train.checkpoint import safe_load
+
+    read = {}
+    for stage in (1, 2, 3):
+        for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 8))
+            ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, dtype: {"enabled": True},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+            engine.backward(engine(torch.randn(2, 8, dtype=torch_dtype)).float().pow(2).mean())
+            engine.step()
+            engine.save_checkpoint(str(out / f"zero{stage}_{dtype}"), tag="t")
+            files = sorted((out / f"zero{stage}_{dtype}" / "t").glob("*.pt"))
+            for f in files:
+                safe_load(f)
+            read[f"zero{stage}_{dtype}"] = [f.name for f in files]
+    return read
+
+
+def test_the_allow_list_reads_every_zero_stage_in_bf16_and_fp16(tmp_path):
+    [read] = run_distributed(save_every_precision, tmp_path, world_size=1)
+    assert len(read) == 6
+    for name, files in read.items():
+        assert any("optim_states" in f for f in files) and any("model_states" in f for f in files), (name, files)
