@@ -25,15 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a checkpoint tag directory, or a checkpoints directory (uses 'latest')")
     ap.add_argument("output", help="export directory to create")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a previous export there (a directory holding anything else is always refused)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        from pipeline.train.checkpoint import resolve
         from pipeline.train.export import export_checkpoint
 
-        tag_dir = Path(args.checkpoint)
-        if (tag_dir / "latest").is_file():
-            tag_dir = tag_dir / (tag_dir / "latest").read_text().strip()
+        tag_dir = resolve(args.checkpoint)  # a checkpoints directory stands for its `latest` tag
         out = export_checkpoint(tag_dir, args.output, overwrite=args.overwrite)
         print(f"exported {tag_dir} -> {out}")
         return 0

@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     ap.add_argument("--config", help="preset name or YAML file; omit for the built-in default recipe")
-    ap.add_argument("--resume", help="'auto' (latest checkpoint in train.output_dir, if any) or a checkpoint path")
+    ap.add_argument("--resume", help="'auto' (the newest complete checkpoint in train.output_dir, if any) or a checkpoint path")
     ap.add_argument("--recipe", default="default", choices=["default", "compare"],
                     help="without --config: the main job (default) or every variant from one Base (compare)")
     ap.add_argument("--recipe-root", default="runs/default", help="where the recipes (no --config) work")
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank0 and result.table:
                 print(f"\n{result.title} ({result.n_sites} held-out sites):\n{result.table}")
             return 0
-        from pipeline.train.configs import load_task
-
-        task = load_task(args.config, args.overrides)  # the preset's `task:` key (default: dual pretraining)
+        task = _checked_task(args.config, args.overrides, ds_config)
         cfg = task.config
         if args.dry_run:
             print(json.dumps({"task": task.kind, "pipeline": task.config_dict(), "deepspeed": ds_config}, indent=2))
@@ -105,8 +103,34 @@ def main(argv: list[str] | None = None) -> int:
                   (f", exported to {result.export_dir}" if result.export_dir else ""))
         return 0
     except (PipelineError, OSError, json.JSONDecodeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a config lists every problem, one per line
+            print(f"error: {line}", file=sys.stderr)
         return 2
+
+
+def _checked_task(config: str, overrides: list[str], ds_config: dict):
+    """The preset's task (its `task:` key; default dual pretraining), with the pipeline config
+    and the DeepSpeed config's batch arithmetic (for the world the launcher set up, 1 rank
+    without one) both checked before any process group starts: every problem in one error."""
+    import torch
+
+    from pipeline.config import check
+    from pipeline.train.configs import load_task
+    from pipeline.train.trainer import resolve_ds_config
+
+    problems, task = [], None
+    try:
+        task = load_task(config, overrides)
+    except PipelineError as exc:
+        problems.append(str(exc))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolve_ds_config(ds_config, task.config.train.max_steps if task else 1,
+                          int(os.environ.get("WORLD_SIZE", 1)), device, warn=False)
+    except PipelineError as exc:
+        problems.append(f"DeepSpeed config: {exc}")
+    check(problems)
+    return task
 
 
 if __name__ == "__main__":

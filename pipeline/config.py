@@ -23,19 +23,36 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     if not isinstance(data, dict):
         raise PipelineError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    # Every problem of the tree is collected before raising, so one run (or --dry-run) lists
+    # them all instead of making the user fix them one at a time; one per line.
+    errors = []
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise PipelineError(
-            f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
-            f"valid keys here: {', '.join(sorted(fields))}"
-        )
+        errors.append(f"unknown config key(s) {', '.join(_join(where, k) for k in unknown)}; "
+                      f"valid keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            continue
+        try:
+            kwargs[name] = _coerce(hints[name], value, _join(where, name))
+        except PipelineError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise PipelineError("\n".join(errors))
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise PipelineError(f"{where or cls.__name__}: {exc}") from None
     return obj
+
+
+def check(problems: list[str]) -> None:
+    """Raise one `PipelineError` listing every problem (one per line), if there are any:
+    what a config's `__post_init__` calls after checking all of its fields."""
+    if problems:
+        raise PipelineError("\n".join(problems))
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from pipeline.dual.model import DualModel, cat_kv
+from pipeline.dual.sites import last_allowed_site
+from pipeline.errors import PipelineError
 from pipeline.models import KV, generate
 from pipeline.models.generate import continue_batch, generate_batch, right_pad
 
@@ -35,6 +37,12 @@ def _augment(dual: DualModel, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Ten
     cfg = dual.config
     B, T = ids.shape
     p = lengths - 1  # (B,) each row's site: its last prompt token
+    limit = dual.base.config.max_position_embeddings
+    last = last_allowed_site(1 << 62, cfg.n_latents, 1, cfg.reread, limit)  # room for the slots + 1 new token
+    if int(p.max()) > last:
+        raise PipelineError(f"generate: a prompt of {int(lengths.max())} tokens does not fit the model's {limit} "
+                            f"positions with its {cfg.n_latents} latent slots and a new token (at most {last + 1} "
+                            "prompt tokens); shorten the prompt")
     base_out = dual.base(ids, return_kv=True, return_logits=False)
     latents, extra_kv = dual.slot_contents(p[:, None], base_out.kv, base_out.hidden_states)
     last_tok = dual.base.embed(ids.gather(1, p[:, None]))  # (B, 1, d)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
-from pipeline.eval.models import EvalModel, generate_all
+from pipeline.eval.models import EvalModel, fit_prompts, generate_all
 from pipeline.eval.multiple_choice import read_jsonl_rows, require_fields
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,11 @@ def evaluate_gsm8k(model: EvalModel, tok: Tokenizer, test: list[dict[str, str]],
     stops = STOP  # the same strings end a row's decoding and cut its text
     rng = random.Random(seed)
     texts = [build_prompt(rng.sample(train, shots), row["question"]) for row in test]
-    keep = model.last_site(max_new_tokens) + 1
-    prompts = []
-    for i, ids in enumerate(tok.encode_batch(texts)):
-        if len(ids) > keep:
-            log.warning("question %d: prompt of %d tokens cut to the last %d", i, len(ids), keep)
-            ids = ids[-keep:]
-        prompts.append(ids)
+    prompts, cut = fit_prompts(model, tok.encode_batch(texts), max_new_tokens)
+    if cut:  # the few-shot examples are dropped first: the question is at the end
+        log.warning("%d of %d prompts are longer than the %d tokens %s allows before %d new tokens; their first "
+                    "tokens are dropped (fewer --shots keeps whole examples)", cut, len(prompts),
+                    model.last_site(max_new_tokens) + 1, model.name, max_new_tokens)
     generations = generate_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                      eos_token_id=tok.eos_id, stop_strings=stops, decode=tok.decode,
                                      progress=progress)

@@ -27,7 +27,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from pipeline.eval.gsm8k import cut_at_stop
-from pipeline.eval.models import load_eval_model, resolve_tokenizer
+from pipeline.eval.models import fit_prompts, load_eval_model, resolve_tokenizer
 from pipeline.eval.multiple_choice import encode_pair, score_requests
 
 NAME = "latent-dual"
@@ -74,7 +74,7 @@ class DualLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             ids = self.tok.encode_batch([context])[0] or [self.tok.eos_id]
-            ids = ids[-(self.model.last_site(max_new) + 1):]
+            (ids,), _ = fit_prompts(self.model, [ids], max_new, flag="max_gen_toks")  # left-truncated, as lm-eval
             new = self.model.generate(torch.tensor([ids]), max_new_tokens=max_new,
                                       eos_token_id=self.tok.eos_id)[0].tolist()
             if self.tok.eos_id in new:

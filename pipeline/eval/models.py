@@ -192,6 +192,23 @@ class CoconutEvalModel(EvalModel):
                                            decode=decode)
 
 
+def fit_prompts(model: EvalModel, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                flag: str = "--max-new-tokens") -> tuple[list[list[int]], int]:
+    """Prompts cut from the left to fit the model's positions with `max_new_tokens` after them
+    (as lm-eval truncates generation contexts), and how many were cut. A budget that leaves
+    no room for any prompt is an error naming the context size, `flag` and its largest value."""
+    if max_new_tokens < 1:
+        raise PipelineError(f"{flag} must be >= 1, got {max_new_tokens}")
+    keep = model.last_site(max_new_tokens) + 1
+    if keep < 1:
+        largest = next((m for m in range(max_new_tokens, 0, -1) if model.last_site(m) >= 0), 0)
+        raise PipelineError(
+            f"{flag} {max_new_tokens} does not fit {model.name}'s context of {model.max_positions} positions "
+            f"(prompt, latent slots and new tokens together); lower {flag} to at most {largest}")
+    cut = sum(len(p) > keep for p in prompts)
+    return [list(p[-keep:]) for p in prompts], cut
+
+
 def generate_all(model: EvalModel, prompts: Sequence[Sequence[int]], *, batch_size: int, max_new_tokens: int,
                  eos_token_id: int | None, stop_strings: Sequence[str] | None = None,
                  decode: Callable[[list[int]], str] | None = None,

@@ -29,7 +29,7 @@ import torch
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import PipelineError
 from pipeline.eval.gsm8k import cut_at_stop
-from pipeline.eval.models import EvalModel, generate_all
+from pipeline.eval.models import EvalModel, fit_prompts, generate_all
 from pipeline.eval.multiple_choice import _stderr as stderr_of_mean
 from pipeline.tasks import schema
 from pipeline.tasks.countdown import DEFAULT_N, generate_countdown
@@ -81,17 +81,13 @@ def evaluate_reasoning(model: EvalModel, tok: Tokenizer, task: str, examples: li
     allow (with `max_new_tokens` after them) keep their last tokens, with one warning."""
     if batch_size < 1:
         raise PipelineError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise PipelineError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not examples:
         raise PipelineError("no examples to evaluate")
-    keep = model.last_site(max_new_tokens) + 1
-    prompts = tok.encode_batch([prompt_text(ex) for ex in examples])
-    cut = sum(len(p) > keep for p in prompts)
+    prompts, cut = fit_prompts(model, tok.encode_batch([prompt_text(ex) for ex in examples]), max_new_tokens)
     if cut:
         log.warning("%d of %d prompts are longer than the %d tokens %s allows before %d new tokens; "
-                    "their first tokens are dropped", cut, len(prompts), keep, model.name, max_new_tokens)
-        prompts = [p[-keep:] for p in prompts]
+                    "their first tokens are dropped", cut, len(prompts), model.last_site(max_new_tokens) + 1,
+                    model.name, max_new_tokens)
     new = generate_all(model, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              eos_token_id=tok.eos_id, stop_strings=STOP, decode=tok.decode, progress=progress)
     records = []
@@ -120,8 +116,13 @@ def answer_nll(model: EvalModel, tok: Tokenizer, examples: list[dict[str, Any]],
     the mean per-example answer NLL (nats/token) ± stderr over examples, and one record per
     example in DESIGN.md §3's per-site dump format: {"context", "targets", "nll"}.
     """
-    contexts = tok.encode_batch([prompt_text(ex) for ex in examples])
     targets = [t + [tok.eos_id] for t in tok.encode_batch([target_text(ex, cot=False) for ex in examples])]
+    # contexts too long for the answer after them keep their last tokens, as generation's prompts do
+    contexts, cut = fit_prompts(model, tok.encode_batch([prompt_text(ex) for ex in examples]),
+                                max(len(t) for t in targets), flag="the answer side")
+    if cut:
+        log.warning("answer NLL: %d of %d contexts keep only their last tokens to fit %s", cut, len(contexts),
+                    model.name)
     records = []
     for a in range(0, len(examples), batch_size):
         ctx, tgt = contexts[a: a + batch_size], targets[a: a + batch_size]

@@ -106,6 +106,10 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
     data = _data_of(models, data)
     docs = pk.load_documents(data, limit=limit)
     manifest = _manifest_for(models, data)
+    for m in models:
+        if m.last_site(cfg.k) < cfg.min_context - 1:
+            raise PipelineError(f"--k {cfg.k} does not fit {m.name}'s context of {m.max_positions} positions "
+                                "(a site, its latent slots and the k scored tokens together); lower --k")
     plan = pk.plan_sites(docs, cfg, min(m.last_site(cfg.k) for m in models))
     summaries, dumps = [], []
     for m in models:

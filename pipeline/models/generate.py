@@ -308,6 +308,7 @@ def generate(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     fill = eos_token_id if eos_token_id is not None else 0
     if not use_cache:
+        _check_positions(model, positions[:, -1] + 1, [max_new_tokens] * b)
         return _recompute(model, prompt, positions, prefix_kv, max_new_tokens, eos_token_id, fill, sampling)
     rows = continue_batch(model, prompt, positions, prefix_kv=prefix_kv, max_new_tokens=max_new_tokens,
                           eos_token_id=eos_token_id, **sampling)

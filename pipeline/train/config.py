@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config import apply_overrides, from_dict
+from pipeline.config import apply_overrides, check, from_dict
 from pipeline.dual.config import DualConfig
 from pipeline.errors import PipelineError
 from pipeline.models.config import ModelConfig, preset
@@ -60,6 +60,10 @@ class DataSection:
     seed: int = 1234
     """Seeds the sequence order, the site draws and a fresh model's init."""
 
+    def __post_init__(self) -> None:
+        check([f"data.seq_len={self.seq_len}: must be >= 2 (a sequence predicts its next tokens)"]
+              if self.seq_len < 2 else [])
+
 
 @dataclasses.dataclass
 class TrainSection:
@@ -83,6 +87,15 @@ class TrainSection:
     export: bool = True
     """Write the DESIGN.md export directory (output_dir/export) when the run finishes."""
 
+    def __post_init__(self) -> None:
+        """Every field a loop divides by or counts with, checked at load (and under --dry-run):
+        before, max_steps=0 "finished" having trained nothing, log_every=0 divided by zero,
+        eval_sequences=0 logged a validation loss of 0.0, checkpoint_every=-1 saved every step."""
+        at_least = {"max_steps": 1, "log_every": 1, "eval_sequences": 1,
+                    "eval_every": 0, "checkpoint_every": 0, "stop_after_steps": 0}
+        check([f"train.{name}={getattr(self, name)}: must be >= {low}" + (" (0 = off)" if low == 0 else "")
+               for name, low in at_least.items() if getattr(self, name) < low])
+
 
 @dataclasses.dataclass
 class TrackingSection:
@@ -103,6 +116,23 @@ class TrainConfig:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     tracking: TrackingSection = dataclasses.field(default_factory=TrackingSection)
+
+    def __post_init__(self) -> None:
+        # The Base's positions are known now: from its preset, or from model.path's config.json
+        # (a path that is not there yet is reported when the run loads it).
+        where, positions = f"model preset {self.model.preset}", None
+        if not self.model.path:
+            positions = preset(self.model.preset, **self.model.overrides).max_position_embeddings
+        else:
+            path = Path(self.model.path)
+            path = path / "base" if (path / "base" / "config.json").is_file() else path  # an export: its Base
+            if (path / "config.json").is_file():
+                from pipeline.models.hf import read_config
+
+                where, positions = str(path), read_config(path).max_position_embeddings
+        check([f"data.seq_len={self.data.seq_len} exceeds the max_position_embeddings={positions} of {where}; "
+               "lower data.seq_len" + ("" if self.model.path else " or set model.overrides.max_position_embeddings")]
+              if positions is not None and self.data.seq_len > positions else [])
 
 
 def preset_path(name_or_path: str) -> Path:

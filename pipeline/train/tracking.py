@@ -33,6 +33,24 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def store_problem(uri: str) -> str | None:
+    """Why a local sqlite store cannot be written (None if it can, or the URI is not sqlite).
+
+    MLflow retries a sqlite store it cannot open for ~100 s before giving up; a file check
+    here turns tracking off at once instead, as `MLFLOW_HTTP_REQUEST_MAX_RETRIES=0` does for
+    a server."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db, "ab"):  # sqlite treats a new, empty file as an empty database
+            pass
+    except OSError as exc:
+        return f"the sqlite store {db} is not writable ({exc.strerror or exc})"
+    return None
+
+
 class Tracker:
     """Rank-0 metrics: always `metrics.jsonl`, and MLflow while it answers."""
 
@@ -48,6 +66,11 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         uri = cfg.tracking_uri or _ENV_TRACKING_URI or f"sqlite:///{run_dir.resolve()}/mlflow.db"
         self.uri = uri
+        problem = store_problem(uri)
+        if problem:
+            log.warning("MLflow tracking is off: %s; training continues without it (metrics.jsonl has "
+                        "every step)", problem)
+            return
         try:
             import mlflow
 
@@ -86,6 +109,27 @@ class Tracker:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         self._call("log_metrics", self._mlflow.log_metrics if self.active else None, metrics, step=step)
 
+    def drop_rows_after(self, step: int) -> int:
+        """Remove the metrics.jsonl rows of steps after `step` (a resumed run replays them,
+        and would otherwise log each twice); the number of rows dropped."""
+        if not (self.is_rank0 and self.metrics_file.is_file()):
+            return 0
+        lines = [line for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a row torn by the kill: dropped with the replayed ones
+        if len(kept) < len(lines):
+            tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.metrics_file)
+            log.info("%s: dropped %d rows after step %d (replayed on resume)", self.metrics_file,
+                     len(lines) - len(kept), step)
+        return len(lines) - len(kept)
+
     def log_artifact(self, path: Path) -> None:
         if path.exists():
             self._call("log_artifact", self._mlflow.log_artifact if self.active else None, str(path))
@@ -97,6 +141,10 @@ class Tracker:
 def start_parent_run(uri: str, experiment: str, name: str, params: dict[str, Any]) -> str | None:
     """Create a run that groups a recipe's stage runs (they name it as `tracking.parent_run_id`);
     its id, or None (with a warning) when tracking is unavailable."""
+    problem = store_problem(uri)
+    if problem:
+        log.warning("MLflow parent run not created: %s; stages log on their own", problem)
+        return None
     try:
         from mlflow.tracking import MlflowClient
 

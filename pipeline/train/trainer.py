@@ -25,9 +25,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,13 +129,14 @@ def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
     run_dir = Path(loop.output_dir)
     ckpt_dir = run_dir / "checkpoints"
-    start = checkpoint.resume(engine, ckpt_dir, resume)
+    start = checkpoint.resume(engine, ckpt_dir, resume, rank=rank, world=world)
 
     tracker = Tracker(task.config.tracking, run_dir, is_rank0=rank == 0)
     meta = None
     if rank == 0:
         meta = task.checkpoint_meta()
         run_dir.mkdir(parents=True, exist_ok=True)
+        tracker.drop_rows_after(start)  # the steps about to be replayed were logged by the killed run
         (run_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(task.config_dict(), indent=2))
         (run_dir / "ds_config.json").write_text(json.dumps(ds, indent=2))
         tracker.log_params({"task": task.kind, "pipeline": task.config_dict(), "deepspeed": ds,
@@ -268,19 +271,57 @@ def _validate(task: Task, engine) -> dict[str, float]:
 
 # ---------------------------------------------------------------------- pieces
 class _StopFlag:
-    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step."""
+    """SIGTERM/SIGINT, or the end of the `deepspeed` runner, ask for a checkpoint at the end
+    of the current step.
+
+    SIGTERM to the `deepspeed` runner (what a scheduler or `docker stop` sends to a job's
+    first process) ends the runner alone: on one node it forwards no signal, and its child
+    launch.py, re-parented, leaves the ranks training on as orphans that never checkpoint.
+    So a rank started by launch.py watches launch.py's parent, and stops as on SIGTERM once
+    that parent has gone.
+    """
 
     def __init__(self) -> None:
         self.requested = False
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._done = threading.Event()
+        launcher = os.getppid()
+        runner = _parent_of(launcher)
+        if runner is not None and b"deepspeed.launcher.launch" in _cmdline(launcher):
+            threading.Thread(target=self._watch, args=(launcher, runner), daemon=True).start()
 
     def restore(self) -> None:
+        self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
         log.warning("signal %d: checkpointing at the end of this step, then stopping", signum)
         self.requested = True
+
+    def _watch(self, launcher: int, runner: int) -> None:
+        while not self._done.wait(1.0):
+            if _parent_of(launcher) != runner:
+                log.warning("the deepspeed runner (pid %d) has ended: checkpointing at the end of this step, "
+                            "then stopping", runner)
+                self.requested = True
+                return
+
+
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` from /proc (None where there is no /proc, or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _all_finite(loss: torch.Tensor, dist) -> bool:

@@ -117,10 +117,12 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "not a checkpoint" in capsys.readouterr().err
 
 
-def test_deepspeed_launch_sigterm_checkpoints_then_exports(tmp_path, corpus_dir):
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory, corpus_dir):
     """One real `deepspeed --num_gpus 2` launch (~25 s of start-up) of the GPU config on a machine
-    without a GPU: it trains in fp32 after one warning line; SIGTERM mid-run ends it with a
-    checkpoint at a step both ranks agree on; export.py turns that into a loadable model."""
+    without a GPU, stopped by SIGTERM to the `deepspeed` runner alone: what `docker stop` or a
+    scheduler sends to a job's first process (DeepSpeed's runner forwards nothing on one node)."""
+    tmp_path = tmp_path_factory.mktemp("sigterm")
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
@@ -136,24 +138,63 @@ def test_deepspeed_launch_sigterm_checkpoints_then_exports(tmp_path, corpus_dir)
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stdout.read()
-        os.killpg(proc.pid, signal.SIGTERM)  # the whole job, as Slurm or Kubernetes would
-        log, _ = proc.communicate(timeout=120)
+        os.kill(proc.pid, signal.SIGTERM)  # the runner only; its children must notice
+        log, _ = proc.communicate(timeout=120)  # EOF once every rank has closed the pipe
+        time.sleep(2)
+        try:
+            os.killpg(proc.pid, 0)
+            orphans = True
+        except ProcessLookupError:
+            orphans = False
     finally:
-        if proc.poll() is None:
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        except ProcessLookupError:
+            pass
+    return {"out": out, "log": log, "orphans": orphans, "tmp": tmp_path}
+
+
+def test_sigterm_to_the_deepspeed_runner_checkpoints_then_exports(sigterm_run):
+    """The ranks end the step both agree on, checkpoint, and exit (none left training); the
+    checkpoint exports through launchers/export.py into a loadable model."""
+    out, log = sigterm_run["out"], sigterm_run["log"]
+    assert not sigterm_run["orphans"], log[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step{steps[-1]}", log[-3000:]
-    assert "continue with --resume auto" in log
+    assert (out / "checkpoints" / latest / "complete.json").is_file()
+    assert "continue with --resume auto" in log and "deepspeed runner" in log
     lines = log.splitlines()
     assert sum("no GPU: running this DeepSpeed config on CPU" in line for line in lines) == 1, log[-3000:]
     assert not any("all_gather_into_tensor" in line for line in lines)  # third-party noise filtered
 
-    assert export_cli.main([str(out / "checkpoints"), str(tmp_path / "export")]) == 0
+    export = sigterm_run["tmp"] / "export"
+    assert export_cli.main([str(out / "checkpoints"), str(export)]) == 0
     from pipeline.dual import load_dual
 
-    dual = load_dual(tmp_path / "export")
+    dual = load_dual(export)
     assert dual.config.variant == "liu"
+
+
+def test_resuming_a_corrupt_checkpoint_is_an_error_message(sigterm_run, corpus_dir):
+    """A flipped byte in the model states: `pretrain.py --resume` says which file, exit 2."""
+    import shutil
+
+    ckpts = sigterm_run["tmp"] / "corrupt" / "checkpoints"
+    shutil.copytree(sigterm_run["out"] / "checkpoints", ckpts)
+    tag = ckpts / (ckpts / "latest").read_text().strip()
+    data = bytearray((tag / "mp_rank_00_model_states.pt").read_bytes())
+    data[len(data) // 2] ^= 1
+    (tag / "mp_rank_00_model_states.pt").write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "launchers/pretrain.py", "--ds_config", "ds_configs/zero2_cpu.json", "--config", "tiny-liu",
+         f"data.path={corpus_dir}", f"train.output_dir={ckpts.parent}", "tracking.enabled=false",
+         "train.max_steps=100000", "--resume", str(ckpts)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    assert "error: " in proc.stderr and "mp_rank_00_model_states.pt: its sha256 differs" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_the_documented_command_runs_a_few_steps_on_cpu(tmp_path, corpus_dir):
