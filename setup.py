@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "zstandard>=0.22",
+        "xxhash>=3.0",  # content fingerprint of build inputs (pipeline/data/build.py)
         "pyarrow>=15",
         "matplotlib>=3.8",
     ],
