@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--partition", default="0/1", metavar="I/N",
                    help="build only part I (0-based) of N into OUTPUT/part-I-of-N; then merge-manifests")
     b.add_argument("--overwrite", action="store_true", help="replace a finished or different build in OUTPUT")
+    b.add_argument("--tokenizer-backend", default="auto", choices=["auto", "gigatoken", "hf", "sentencepiece"],
+                   help="library that computes the ids (never changes them): the tokenizer's own (hf, "
+                   "sentencepiece), gigatoken (optional extra, used only once checked exact), or auto "
+                   "(the faster for this tokenizer kind, default)")
 
     mg = sub.add_parser("merge-manifests", help="combine partition builds into one dataset (no copying)",
                         description="Write DIR/manifest.json listing the shards of DIR/part-*-of-* "
@@ -212,7 +216,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         workers=args.workers, val_fraction=args.val_fraction, seed=args.seed,
         shard_size=build.parse_size(args.shard_size), on_error=args.on_error, txt_unit=args.txt_unit,
         max_chars=args.max_doc_chars, eos_token=args.eos_token, partition=build.parse_partition(args.partition),
-        overwrite=args.overwrite, command=["data-prep", *sys.argv[1:]])
+        overwrite=args.overwrite, tokenizer_backend=args.tokenizer_backend,
+        command=["data-prep", *sys.argv[1:]])
     t0 = time.time()
     bar = _bar("tok")
 
@@ -231,6 +236,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"wrote {m.root}: {tot['all']['documents']} documents, {tot['all']['tokens']} tokens "
           f"({m.dtype}) in {tot['all']['shards']} shards; train {tot['train']['documents']} docs, "
           f"validation {tot['validation']['documents']} docs; {tot['all']['tokens'] / dt:,.0f} tok/s")
+    backend = m.provenance["tokenizer_backend"]
+    print(f"tokenizer backend: {backend['name']} {backend['version']}"
+          + (f" (not gigatoken: {backend['fallback_reason']})" if backend["fallback_reason"] else ""))
     if m.skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(m.skipped.items())))
     return 0

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import readers, shards
+from pipeline.data import backends, readers, shards
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import PipelineError
 
@@ -63,6 +63,7 @@ class BuildOptions:
     eos_token: str | None = None
     partition: tuple[int, int] = (0, 1)  # (index I, count N)
     overwrite: bool = False
+    tokenizer_backend: str = "auto"  # see pipeline.data.backends; never changes the output bytes
     batch_bytes: int = 1 << 20  # text per encode_batch call
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -169,15 +170,17 @@ class _Builder:
             self.resume[d["split"]] = max(self.resume[d["split"]], d["end_ordinal"])
             self.count[d["split"]] += 1
 
-    def write_batch(self, native: list[Any], splits: list[str], ordinals: list[int]) -> None:
+    def write_batch(self, native: Any, splits: list[str], ordinals: list[int]) -> None:
         """Append a tokenized batch (in order), cutting shards at the size bound."""
-        ids = self.tok.ids
-        eos = np.array([self.tok.eos_id], self.dtype)
-        arrays = [np.array(ids(x), self.dtype) for x in native]  # fastest list -> array path
-        lengths = np.fromiter(map(len, arrays), np.int64, len(arrays)) + 1  # + EOS
-        buf = np.concatenate([a for x in arrays for a in (x, eos)])
+        flat, lengths = self.tok.flat_ids(native, self.dtype)
+        lengths = lengths + 1  # + EOS
         ends = np.cumsum(lengths)
         starts = ends - lengths
+        buf = np.empty(int(ends[-1]) if len(ends) else 0, self.dtype)
+        is_eos = np.zeros(len(buf), bool)
+        is_eos[ends - 1] = True
+        buf[is_eos] = self.tok.eos_id
+        buf[~is_eos] = flat
         for k, split in enumerate(splits):
             doc = buf[starts[k] : ends[k]]
             w = self.writers.get(split)
@@ -309,9 +312,9 @@ def build(opts: BuildOptions, progress: Callable[[int, int], None] | None = None
     When `opts.output` already holds the dataset this command builds, nothing is redone: its
     manifest is returned with `provenance["already_complete"] = True` (not saved)."""
     sources = readers.resolve_inputs(opts.inputs)
-    tok = load_tokenizer(opts.tokenizer, opts.eos_token)
-    tok.set_threads(opts.workers)
-    tok_id = tok.identity()
+    native = load_tokenizer(opts.tokenizer, opts.eos_token)
+    native.set_threads(opts.workers)
+    tok_id = native.identity()
     out = partition_dir(Path(opts.output), opts.partition)
     fingerprint = _fingerprint(opts, sources, tok_id)
     if not opts.overwrite and (out / shards.MANIFEST).is_file():
@@ -319,16 +322,18 @@ def build(opts: BuildOptions, progress: Callable[[int, int], None] | None = None
         done.provenance["already_complete"] = True
         return done
     try:
-        return _run(opts, out, sources, tok, tok_id, fingerprint, progress)
+        return _run(opts, out, sources, native, tok_id, fingerprint, progress)
     except OSError as e:  # the reader turns input errors into PipelineError; these are the output's
         where = e.filename or opts.output
         raise PipelineError(f"cannot write the output: {where}: {e.strerror or e}; check that --output "
                             "is writable and its disk has space") from e
 
 
-def _run(opts: BuildOptions, out: Path, sources: list[readers.Source], tok: Tokenizer,
+def _run(opts: BuildOptions, out: Path, sources: list[readers.Source], native: Tokenizer,
          tok_id: dict[str, Any], fingerprint: str,
          progress: Callable[[int, int], None] | None) -> shards.Manifest:
+    tok, choice = backends.choose_backend(native, opts.tokenizer_backend)
+    tok.set_threads(opts.workers)
     state = _prepare_output(out, fingerprint, opts.overwrite)
     b = _Builder(opts, out, tok, fingerprint, state)
     reader = readers.Reader(sources, opts.text_key, opts.on_error, opts.txt_unit,
@@ -360,12 +365,17 @@ def _run(opts: BuildOptions, out: Path, sources: list[readers.Source], tok: Toke
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-prep-writer") as pool:
         pending: Future | None = None
         for texts, splits, ords in _background(batches()):
-            native = tok.encode_native(texts)
+            if tok is not native and docs == 0:  # trust another backend only once exact on real input
+                problem = backends.exactness_problem(native, tok, backends.sample_of(texts), "input document")
+                if problem:
+                    tok, choice = backends.fall_back(native, opts.tokenizer_backend, problem)
+                    b.tok = tok
+            encoded = tok.encode_native(texts)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(b.write_batch, native, splits, ords)
-            docs += len(native)
-            tokens += sum(map(len, native)) + len(native)
+            pending = pool.submit(b.write_batch, encoded, splits, ords)
+            docs += len(texts)
+            tokens += tok.n_tokens(encoded) + len(texts)
             if progress is not None:
                 progress(docs, tokens)
         if pending is not None:
@@ -381,6 +391,7 @@ def _run(opts: BuildOptions, out: Path, sources: list[readers.Source], tok: Toke
         shards=[shards.ShardInfo(**{k: v for k, v in d.items() if k != "end_ordinal"}) for d in b.done],
         skipped=dict(reader.skips), provenance=_provenance(opts, sources, b.fingerprint),
     )
+    manifest.provenance["tokenizer_backend"] = choice.to_json()
     manifest.shards.sort(key=lambda s: (shards.SPLITS.index(s.split), s.prefix))
     manifest.save()
     (out / STATE).unlink(missing_ok=True)
@@ -400,7 +411,8 @@ def _provenance(opts: BuildOptions, sources: list[readers.Source], fingerprint: 
     return {
         "command": opts.command,
         "package_version": ver("latent-pipeline"),
-        "library_versions": {k: ver(k) for k in ("megatron-core", "tokenizers", "sentencepiece", "numpy")},
+        "library_versions": {k: ver(k) for k in ("megatron-core", "tokenizers", "sentencepiece", "gigatoken",
+                                                    "numpy")},
         "inputs": [s.path for s in sources],
         "partition": {"index": i, "count": n} if n > 1 else None,
         "build_fingerprint": fingerprint,
