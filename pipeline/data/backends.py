@@ -85,7 +85,7 @@ class GigatokenTokenizer(Tokenizer):
         if isinstance(native, HFTokenizer):
             self._gt = gigatoken.Tokenizer.from_json(native.json_path.read_text(encoding="utf-8"))
         elif isinstance(native, SentencePieceTokenizer):
-            self._gt = gigatoken.Tokenizer.from_sentencepiece(native.path)
+            self._gt = gigatoken.Tokenizer.from_json(_sentencepiece_json(native))
         else:
             raise TypeError(f"no gigatoken loader for {type(native).__name__}")
 
@@ -120,6 +120,21 @@ class GigatokenTokenizer(Tokenizer):
         self.native.set_threads(threads)  # rayon reads RAYON_NUM_THREADS, as for Hugging Face
 
 
+def _sentencepiece_json(native: SentencePieceTokenizer) -> str:
+    """gigatoken's tokenizer.json for a `.model`, with sentencepiece's control pieces (`<s>`,
+    `</s>`, `<pad>`) no longer matched in text: gigatoken 0.10's `from_sentencepiece` lists them
+    as special added tokens, so `"<s>"` written in a document became id 1, where sentencepiece
+    (and so our shards) spell it out. User-defined pieces stay matched, as in sentencepiece."""
+    import json
+
+    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json  # what from_sentencepiece uses
+
+    config = json.loads(sentencepiece_to_tokenizer_json(native.path.read_bytes()))
+    sp = native._sp
+    config["added_tokens"] = [t for t in config.get("added_tokens", []) if not sp.is_control(t["id"])]
+    return json.dumps(config)
+
+
 def hard_strings(tok: Tokenizer) -> list[str]:
     """`HARD_STRINGS` plus the tokenizer's special/added tokens as text: alone, inside words,
     between spaces and newlines, doubled."""
@@ -137,8 +152,9 @@ def exactness_problem(native: Tokenizer, fast: Tokenizer, texts: list[str], what
     for i, (text, ids) in enumerate(zip(texts, want, strict=True)):
         got = flat[ends[i] - lengths[i] : ends[i]].tolist() if i < len(lengths) else None
         if got != ids:
-            return (f"gigatoken's ids differ from {NATIVE_PACKAGE[NATIVE[native.kind]]}'s on {what} "
-                    f"{text[:60]!r}: {(got or [])[:8]} vs {ids[:8]}")
+            package = NATIVE_PACKAGE[NATIVE[native.kind]]
+            return (f"gigatoken and {package} give different ids for {what} {text[:60]!r}: "
+                    f"{(got or [])[:8]} (gigatoken) vs {ids[:8]} ({package})")
     return None
 
 
