@@ -127,7 +127,8 @@ def _sentencepiece_json(native: SentencePieceTokenizer) -> str:
     (and so our shards) spell it out. User-defined pieces stay matched, as in sentencepiece."""
     import json
 
-    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json  # what from_sentencepiece uses
+    # the converter from_sentencepiece itself uses (gigatoken is pinned to 0.10.*)
+    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
 
     config = json.loads(sentencepiece_to_tokenizer_json(native.path.read_bytes()))
     sp = native._sp
