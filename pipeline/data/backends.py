@@ -13,10 +13,13 @@ on the first batch of the real input. Any difference - or a tokenizer gigatoken 
 - falls back to the native library, with the reason logged and recorded in the manifest.
 So the shards never depend on the backend: byte for byte the same whichever runs.
 
-`auto` picks per tokenizer kind (`AUTO`), from measurements, not assumption
-(`python launchers/benchmark.py data --kinds gpt2 spm`): on this class of machine gigatoken
-encoded GPT-2 several times faster than Hugging Face `tokenizers`, but sentencepiece models
-slower than sentencepiece's own encoder.
+`auto` picks per tokenizer kind (`AUTO`), from measurement, not assumption
+(`python launchers/benchmark.py data`, figures in data_prep/README.md): for GPT-2-style
+byte-level BPE gigatoken is exact and many times faster than Hugging Face `tokenizers`, so
+`auto` tries it. For sentencepiece models gigatoken 0.10 is not exact - a run of combining
+marks normalizes differently, and a user-defined piece after a space is split differently -
+so every build would fall back; `auto` keeps sentencepiece's own encoder for them without
+trying (`--tokenizer-backend gigatoken` still tries, and falls back on the first difference).
 """
 
 from __future__ import annotations
