@@ -185,3 +185,19 @@ def test_kill_and_rerun_with_gigatoken_gives_the_same_bytes(corpus, gpt2_tokeniz
     monkeypatch.setattr(os, "replace", real)
     assert build(corpus, gpt2_tokenizer_dir, tmp_path / "out", "--tokenizer-backend", "gigatoken") == 0
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
+
+
+def test_a_fresh_gigatoken_instance_mid_build_changes_nothing(corpus, gpt2_tokenizer_dir, tmp_path, monkeypatch):
+    """The periodic fresh instance that bounds gigatoken's cache (every REFRESH_CHARS) keeps the bytes."""
+    import gigatoken
+
+    assert build(corpus, gpt2_tokenizer_dir, tmp_path / "ref", "--tokenizer-backend", "hf") == 0
+    monkeypatch.setattr(backends, "REFRESH_CHARS", 20_000)
+    loads = []
+    real = gigatoken.Tokenizer.from_json.__func__
+    monkeypatch.setattr(gigatoken.Tokenizer, "from_json", classmethod(lambda cls, data: loads.append(1) or real(cls, data)))
+    m = build_mod.build(build_mod.BuildOptions(
+        inputs=[str(corpus)], tokenizer=str(gpt2_tokenizer_dir), output=str(tmp_path / "gt"), val_fraction=0.1,
+        shard_size=16 << 10, on_error="skip", tokenizer_backend="gigatoken", batch_bytes=4096))
+    assert m.provenance["tokenizer_backend"]["name"] == "gigatoken" and len(loads) > 3
+    assert shard_bytes(tmp_path / "gt") == shard_bytes(tmp_path / "ref")
