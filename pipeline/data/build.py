@@ -243,9 +243,10 @@ def _finished(out: Path, fingerprint: str) -> shards.Manifest | None:
     """The finished dataset in `out` when it was built by this very command (else an error)."""
     try:
         m = shards.load_manifest(out)
-    except PipelineError:
-        m = None
-    if m is None or m.provenance.get("build_fingerprint") != fingerprint:
+    except PipelineError as e:
+        raise PipelineError(f"{out} holds a {shards.MANIFEST} that does not load ({e}); pass --overwrite to "
+                            "rebuild it, or choose a new --output") from None
+    if m.provenance.get("build_fingerprint") != fingerprint:
         raise PipelineError(f"{out} already holds a finished dataset ({shards.MANIFEST}) built from other "
                             "inputs or options; choose a new --output, or pass --overwrite to rebuild it")
     try:
