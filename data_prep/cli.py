@@ -43,6 +43,9 @@ def _add_reader_args(p: argparse.ArgumentParser) -> None:
                    help="what one document is in .txt inputs (default: the whole file)")
     p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                    help="on a bad record: stop with its file:line (fail, default) or skip and count it")
+    p.add_argument("--max-doc-chars", type=int, default=4_000_000, metavar="N",
+                   help="documents longer than this are bad records (default: 4000000; tokenizing "
+                   "takes ~130 bytes of memory a character)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--partition", default="0/1", metavar="I/N",
                    help="build only part I (0-based) of N into OUTPUT/part-I-of-N; then merge-manifests")
     b.add_argument("--overwrite", action="store_true", help="replace a finished or different build in OUTPUT")
+    b.add_argument("--tokenizer-backend", default="auto", choices=["auto", "gigatoken", "hf", "sentencepiece"],
+                   help="library that computes the ids (never changes them): the tokenizer's own (hf, "
+                   "sentencepiece), gigatoken (optional extra, used only once checked exact), or auto "
+                   "(the faster for this tokenizer kind, default)")
 
     mg = sub.add_parser("merge-manifests", help="combine partition builds into one dataset (no copying)",
                         description="Write DIR/manifest.json listing the shards of DIR/part-*-of-* "
@@ -189,7 +196,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         if args.text is not None:
             print("ids:", tok.encode_batch([args.text])[0])
         return 0
-    reader = readers.Reader(readers.resolve_inputs(args.input), args.text_key, args.on_error, args.txt_unit)
+    reader = readers.Reader(readers.resolve_inputs(args.input), args.text_key, args.on_error, args.txt_unit,
+                            max_chars=args.max_doc_chars)
     t0 = time.time()
     tok = tokenizer.train_sentencepiece(
         (text for text, _, _ in reader), args.output, args.vocab_size, args.model_type,
@@ -207,8 +215,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         inputs=args.input, tokenizer=args.tokenizer, output=args.output, text_key=args.text_key,
         workers=args.workers, val_fraction=args.val_fraction, seed=args.seed,
         shard_size=build.parse_size(args.shard_size), on_error=args.on_error, txt_unit=args.txt_unit,
-        eos_token=args.eos_token, partition=build.parse_partition(args.partition),
-        overwrite=args.overwrite, command=["data-prep", *sys.argv[1:]])
+        max_chars=args.max_doc_chars, eos_token=args.eos_token, partition=build.parse_partition(args.partition),
+        overwrite=args.overwrite, tokenizer_backend=args.tokenizer_backend,
+        command=["data-prep", *sys.argv[1:]])
     t0 = time.time()
     bar = _bar("tok")
 
@@ -220,9 +229,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         m = build.build(opts, progress)
     dt = time.time() - t0
     tot = m.totals()
+    if m.provenance.get("already_complete"):
+        print(f"already complete: {m.root} holds this build ({tot['all']['documents']} documents, "
+              f"{tot['all']['tokens']} tokens); nothing to do (--overwrite rebuilds it)")
+        return 0
     print(f"wrote {m.root}: {tot['all']['documents']} documents, {tot['all']['tokens']} tokens "
           f"({m.dtype}) in {tot['all']['shards']} shards; train {tot['train']['documents']} docs, "
           f"validation {tot['validation']['documents']} docs; {tot['all']['tokens'] / dt:,.0f} tok/s")
+    backend = m.provenance["tokenizer_backend"]
+    print(f"tokenizer backend: {backend['name']} {backend['version']}"
+          + (f" (not gigatoken: {backend['fallback_reason']})" if backend["fallback_reason"] else ""))
     if m.skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(m.skipped.items())))
     return 0
@@ -275,8 +291,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     with bar:
         m = shards.verify_dataset(args.dir, lambda s: bar.update(1))
     tot = m.totals()["all"]
+    tok = ("tokenizer files match their sha256" if shards.check_tokenizer(m)  # small files: cheap again
+           else f"tokenizer not found at {m.tokenizer.get('path')}, not checked")
     print(f"OK {m.root}: {tot['shards']} shards, {tot['documents']} documents, {tot['tokens']} tokens; "
-          "indexes match data, checksums match manifest")
+          f"indexes match data, checksums and totals match manifest; {tok}")
     return 0
 
 

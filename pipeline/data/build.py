@@ -11,6 +11,11 @@ Restart: each shard is renamed into place when complete and then recorded in
 the documents of the recorded shards without tokenizing them, and rebuilds the rest.
 `manifest.json` is written last. The split is by a seeded hash of each document's text,
 so it depends neither on the worker count nor on the partitioning.
+
+A build is keyed by a fingerprint of its inputs' *content* (xxh3 of every input file's
+bytes), the tokenizer's files and every option that decides the output bytes: a rerun
+resumes only when that matches (an input edited in place between a kill and the rerun is
+refused, not mixed in), and a rerun of a finished build reports it complete and exits 0.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data import readers, shards
+from pipeline.data import backends, readers, shards
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import PipelineError
 
@@ -54,9 +59,11 @@ class BuildOptions:
     shard_size: int = 256 << 20  # bytes of .bin per shard, at most (one huge document aside)
     on_error: str = "fail"
     txt_unit: str = "file"
+    max_chars: int = readers.MAX_CHARS  # longer documents are bad records (memory grows with them)
     eos_token: str | None = None
     partition: tuple[int, int] = (0, 1)  # (index I, count N)
     overwrite: bool = False
+    tokenizer_backend: str = "auto"  # see pipeline.data.backends; never changes the output bytes
     batch_bytes: int = 1 << 20  # text per encode_batch call
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
@@ -163,15 +170,17 @@ class _Builder:
             self.resume[d["split"]] = max(self.resume[d["split"]], d["end_ordinal"])
             self.count[d["split"]] += 1
 
-    def write_batch(self, native: list[Any], splits: list[str], ordinals: list[int]) -> None:
+    def write_batch(self, native: Any, splits: list[str], ordinals: list[int]) -> None:
         """Append a tokenized batch (in order), cutting shards at the size bound."""
-        ids = self.tok.ids
-        eos = np.array([self.tok.eos_id], self.dtype)
-        arrays = [np.array(ids(x), self.dtype) for x in native]  # fastest list -> array path
-        lengths = np.fromiter(map(len, arrays), np.int64, len(arrays)) + 1  # + EOS
-        buf = np.concatenate([a for x in arrays for a in (x, eos)])
+        flat, lengths = self.tok.flat_ids(native, self.dtype)
+        lengths = lengths + 1  # + EOS
         ends = np.cumsum(lengths)
         starts = ends - lengths
+        buf = np.empty(int(ends[-1]) if len(ends) else 0, self.dtype)
+        is_eos = np.zeros(len(buf), bool)
+        is_eos[ends - 1] = True
+        buf[is_eos] = self.tok.eos_id
+        buf[~is_eos] = flat
         for k, split in enumerate(splits):
             doc = buf[starts[k] : ends[k]]
             w = self.writers.get(split)
@@ -196,17 +205,56 @@ class _Builder:
             self._finish(split)
 
 
+OUTPUT_OPTIONS = ("text_key", "val_fraction", "seed", "shard_size", "on_error", "txt_unit", "max_chars")
+
+
+def content_hash(path: str) -> str:
+    """xxh3-128 of a file's bytes, or of every file under a directory (names and bytes).
+
+    A fast non-cryptographic hash (GB/s) is enough: it guards against edits, not attacks."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    files = [Path(path)] if os.path.isfile(path) else sorted(f for f in Path(path).rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path)).encode() + b"\0" if f != Path(path) else b"")
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
 def _fingerprint(opts: BuildOptions, sources: list[readers.Source], tok_id: dict[str, Any]) -> str:
-    def size(s: readers.Source) -> int | None:
-        return os.path.getsize(s.path) if os.path.isfile(s.path) else None
+    def content(s: readers.Source) -> str | None:
+        try:
+            return content_hash(s.path) if s.kind != "builtin" else None  # builtin: keyed by Python
+        except OSError:
+            return None  # unreadable: the reader reports it with the error policy
 
     key = {
-        "inputs": [(s.path, s.kind, size(s)) for s in sources],
+        "inputs": [(s.path, s.kind, content(s)) for s in sources],
         "tokenizer": tok_id["files"], "eos": tok_id["eos_id"], "python": sys.version,
-        **{k: getattr(opts, k) for k in ("text_key", "val_fraction", "seed", "shard_size",
-                                         "on_error", "txt_unit", "partition")},
+        **{k: getattr(opts, k) for k in (*OUTPUT_OPTIONS, "partition")},
     }
     return hashlib.sha256(repr(key).encode()).hexdigest()
+
+
+def _finished(out: Path, fingerprint: str) -> shards.Manifest | None:
+    """The finished dataset in `out` when it was built by this very command (else an error)."""
+    try:
+        m = shards.load_manifest(out)
+    except PipelineError as e:
+        raise PipelineError(f"{out} holds a {shards.MANIFEST} that does not load ({e}); pass --overwrite to "
+                            "rebuild it, or choose a new --output") from None
+    if m.provenance.get("build_fingerprint") != fingerprint:
+        raise PipelineError(f"{out} already holds a finished dataset ({shards.MANIFEST}) built from other "
+                            "inputs or options; choose a new --output, or pass --overwrite to rebuild it")
+    try:
+        shards.check_dataset(out)
+    except PipelineError as e:
+        raise PipelineError(f"{out}: finished by this command, but damaged since ({e}); pass --overwrite "
+                            "to rebuild it") from None
+    return m
 
 
 def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, Any]:
@@ -220,9 +268,6 @@ def _prepare_output(out: Path, fingerprint: str, overwrite: bool) -> dict[str, A
             (out / name).unlink(missing_ok=True)
         for split in shards.SPLITS:
             shutil.rmtree(out / split, ignore_errors=True)
-    if (out / shards.MANIFEST).is_file():
-        raise PipelineError(f"{out} already holds a finished dataset ({shards.MANIFEST}); choose a "
-                            "new --output, or pass --overwrite to rebuild it")
     for name in (STATE, shards.MANIFEST):  # half-written JSON of a killed run
         (out / f"{name}.tmp").unlink(missing_ok=True)
     state: dict[str, Any] = {}
@@ -263,17 +308,37 @@ def _intact(out: Path, d: dict[str, Any]) -> bool:
 
 
 def build(opts: BuildOptions, progress: Callable[[int, int], None] | None = None) -> shards.Manifest:
-    """Run (or resume) a build; returns the written manifest. `progress(docs, tokens)` per batch."""
+    """Run (or resume) a build; returns the written manifest. `progress(docs, tokens)` per batch.
+
+    When `opts.output` already holds the dataset this command builds, nothing is redone: its
+    manifest is returned with `provenance["already_complete"] = True` (not saved)."""
     sources = readers.resolve_inputs(opts.inputs)
-    tok = load_tokenizer(opts.tokenizer, opts.eos_token)
-    tok.set_threads(opts.workers)
-    tok_id = tok.identity()
+    native = load_tokenizer(opts.tokenizer, opts.eos_token)
+    native.set_threads(opts.workers)
+    tok_id = native.identity()
     out = partition_dir(Path(opts.output), opts.partition)
     fingerprint = _fingerprint(opts, sources, tok_id)
+    if not opts.overwrite and (out / shards.MANIFEST).is_file():
+        done = _finished(out, fingerprint)
+        done.provenance["already_complete"] = True
+        return done
+    try:
+        return _run(opts, out, sources, native, tok_id, fingerprint, progress)
+    except OSError as e:  # the reader turns input errors into PipelineError; these are the output's
+        where = e.filename or opts.output
+        raise PipelineError(f"cannot write the output: {where}: {e.strerror or e}; check that --output "
+                            "is writable and its disk has space") from e
+
+
+def _run(opts: BuildOptions, out: Path, sources: list[readers.Source], native: Tokenizer,
+         tok_id: dict[str, Any], fingerprint: str,
+         progress: Callable[[int, int], None] | None) -> shards.Manifest:
+    tok, choice = backends.choose_backend(native, opts.tokenizer_backend)
+    tok.set_threads(opts.workers)
     state = _prepare_output(out, fingerprint, opts.overwrite)
     b = _Builder(opts, out, tok, fingerprint, state)
     reader = readers.Reader(sources, opts.text_key, opts.on_error, opts.txt_unit,
-                            owner_fn(len(sources), opts.partition))
+                            owner_fn(len(sources), opts.partition), opts.max_chars)
     splitter = Splitter(opts.val_fraction, opts.seed)
     if b.done:
         log.info("resuming %s: %d shards already complete", out, len(b.done))
@@ -301,30 +366,40 @@ def build(opts: BuildOptions, progress: Callable[[int, int], None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="data-prep-writer") as pool:
         pending: Future | None = None
         for texts, splits, ords in _background(batches()):
-            native = tok.encode_native(texts)
+            if tok is not native and docs == 0:  # trust another backend only once exact on real input
+                problem = backends.exactness_problem(native, tok, backends.sample_of(texts), "input document")
+                if problem:
+                    tok, choice = backends.fall_back(native, opts.tokenizer_backend, problem)
+                    b.tok = tok
+            encoded = tok.encode_native(texts)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(b.write_batch, native, splits, ords)
-            docs += len(native)
-            tokens += sum(map(len, native)) + len(native)
+            pending = pool.submit(b.write_batch, encoded, splits, ords)
+            docs += len(texts)
+            tokens += tok.n_tokens(encoded) + len(texts)
             if progress is not None:
                 progress(docs, tokens)
         if pending is not None:
             pending.result()
     b.finish_all()
+    if not b.done and (reader.skips or opts.partition[1] == 1):  # a partition may own no records
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(reader.skips.items())) or "none"
+        raise PipelineError(f"no documents to write: every record of the input was skipped ({skipped}) "
+                            "or the input holds none; check --input, --text-key and the skip reasons")
     manifest = shards.Manifest(
         root=out, tokenizer=tok_id, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
         dtype=np.dtype(b.dtype).name,
         shards=[shards.ShardInfo(**{k: v for k, v in d.items() if k != "end_ordinal"}) for d in b.done],
-        skipped=dict(reader.skips), provenance=_provenance(opts, sources),
+        skipped=dict(reader.skips), provenance=_provenance(opts, sources, b.fingerprint),
     )
+    manifest.provenance["tokenizer_backend"] = choice.to_json()
     manifest.shards.sort(key=lambda s: (shards.SPLITS.index(s.split), s.prefix))
     manifest.save()
     (out / STATE).unlink(missing_ok=True)
     return manifest
 
 
-def _provenance(opts: BuildOptions, sources: list[readers.Source]) -> dict[str, Any]:
+def _provenance(opts: BuildOptions, sources: list[readers.Source], fingerprint: str) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     def ver(name: str) -> str | None:
@@ -337,10 +412,11 @@ def _provenance(opts: BuildOptions, sources: list[readers.Source]) -> dict[str, 
     return {
         "command": opts.command,
         "package_version": ver("latent-pipeline"),
-        "library_versions": {k: ver(k) for k in ("megatron-core", "tokenizers", "sentencepiece", "numpy")},
+        "library_versions": {k: ver(k) for k in ("megatron-core", "tokenizers", "sentencepiece", "gigatoken",
+                                                    "numpy")},
         "inputs": [s.path for s in sources],
         "partition": {"index": i, "count": n} if n > 1 else None,
-        "options": {k: getattr(opts, k) for k in ("text_key", "val_fraction", "seed", "shard_size",
-                                                   "on_error", "txt_unit")}
+        "build_fingerprint": fingerprint,
+        "options": {k: getattr(opts, k) for k in OUTPUT_OPTIONS}
         | {"partition_block": PARTITION_BLOCK, "eos_appended": True, "split_by": "blake2b(seed, text)"},
     }

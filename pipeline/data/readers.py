@@ -10,17 +10,23 @@ for parquet / datasets, the file / paragraph / line for txt). `keep(source_index
 lets a partition skip records it does not own before parsing them.
 
 Bad records raise `PipelineError` naming file and record, or, with `on_error="skip"`, are
-counted in `Skips` by reason and left out.
+counted in `Skips` by reason and left out. A compressed file that is truncated or corrupt is
+such a bad record too (reason `corrupt_compressed_file`): the documents read before the
+damage are kept, the rest of that file is skipped. Text that cannot be encoded as UTF-8 (a
+lone surrogate such as `"\\ud800"` is valid JSON) and documents longer than `max_chars`
+(the tokenizers' memory grows ~130 bytes a character) are bad records as well.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
 import json
 import logging
 import os
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ BUILTIN_PYDOCS = "builtin:pydocs"
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".txt", ".text", ".md")
 COMPRESSIONS = ("", ".gz", ".zst", ".zstd")
 _SNIFF = 8192
+MAX_CHARS = 4_000_000  # default document size limit: a long book; ~0.5 GB while tokenized
 
 KeepFn = Callable[[int, int], bool]
 
@@ -72,7 +79,9 @@ def resolve_inputs(specs: list[str]) -> list[Source]:
     """Expand globs / directories into an ordered, de-duplicated list of sources.
 
     Order is the order of `specs`, each glob's matches sorted, so it is the same on every
-    machine; it defines document order, shard contents and partition ownership.
+    machine; it defines document order, shard contents and partition ownership. A file
+    reached twice (two globs, or through a symlink) is read once: sources are de-duplicated
+    by their real path.
     """
     if not specs:
         raise PipelineError("no --input given; pass files, globs, a dataset dir or builtin:pydocs")
@@ -80,8 +89,9 @@ def resolve_inputs(specs: list[str]) -> list[Source]:
     seen: set[str] = set()
 
     def add(src: Source) -> None:
-        if src.path not in seen:
-            seen.add(src.path)
+        key = src.path if src.kind == "builtin" else os.path.realpath(src.path)
+        if key not in seen:
+            seen.add(key)
             out.append(src)
 
     for spec in specs:
@@ -90,7 +100,7 @@ def resolve_inputs(specs: list[str]) -> list[Source]:
             continue
         if spec.startswith("builtin:"):
             raise PipelineError(f"unknown builtin corpus {spec!r}; the only one is {BUILTIN_PYDOCS}")
-        matches = sorted(glob.glob(spec, recursive=True)) if glob.has_magic(spec) else [spec]
+        matches = _glob(spec) if glob.has_magic(spec) else [spec]
         if not matches:
             raise PipelineError(f"--input {spec!r} matches no files; check the path and quoting")
         for m in matches:
@@ -118,6 +128,101 @@ def resolve_inputs(specs: list[str]) -> list[Source]:
     return out
 
 
+def _glob(spec: str) -> list[str]:
+    """Sorted matches of a glob. `**` is walked here rather than by `glob.glob`, which follows
+    a symlink loop (`L/self -> ../L`) until the path is too long, matching the same files
+    once per level: directories are followed through symlinks but each real directory is
+    entered once. Like `glob.glob`, wildcards do not match names starting with a dot."""
+    parts = spec.split(os.sep)
+    if "**" not in parts:
+        return sorted(glob.glob(spec))
+    first_magic = next(k for k, part in enumerate(parts) if glob.has_magic(part))
+    base = os.sep.join(parts[:first_magic]) or ("" if spec.startswith(os.sep) else ".")
+    base = base or os.sep
+    pattern = parts[first_magic:]
+    matches: list[str] = []
+    visited = {os.path.realpath(base)}
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        entered = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in visited:
+                visited.add(real)
+                entered.append(d)
+        rel = os.path.relpath(dirpath, base).split(os.sep) if dirpath != base else []
+        for name in [*dirnames, *filenames]:
+            if _match([*rel, name], pattern):
+                path = os.path.join(dirpath, name)
+                matches.append(path[2:] if base == "." and not spec.startswith("./") else path)
+        dirnames[:] = entered
+    return sorted(matches)
+
+
+def _match(path: list[str], pattern: list[str]) -> bool:
+    """Does a relative path (components) match a glob pattern (components, `**` = any depth)?"""
+    if not pattern:
+        return not path
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        if _match(path, rest):
+            return True
+        return bool(path) and not path[0].startswith(".") and _match(path[1:], pattern)
+    if not path or (path[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(path[0], head) and _match(path[1:], rest)
+
+
+class _ZstdStream(io.RawIOBase):
+    """A `.zst` file, decompressed frame after frame.
+
+    zstandard's `stream_reader` returns the data of a file cut inside a frame as if the file
+    were whole (documents silently missing); this reader raises `EOFError` instead.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        import zstandard
+
+        self._raw = raw
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False
+        self._out = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        while not self._out:
+            data = self._raw.read(1 << 16)  # small input chunks keep the decompressed output small
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            chunks = []
+            while data:
+                self._in_frame = True
+                chunks.append(self._obj.decompress(data))
+                data = b""
+                if self._obj.eof:  # a frame ended; whatever follows starts the next one
+                    data, self._in_frame = self._obj.unused_data, False
+                    self._obj = self._dctx.decompressobj()
+            self._out = memoryview(b"".join(chunks))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _decompression_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return EOFError, zlib.error, zstandard.ZstdError, gzip.BadGzipFile
+
+
 class Reader:
     """Streams `(text, source_index, record)` from sources, applying the error policy."""
 
@@ -128,6 +233,7 @@ class Reader:
         on_error: str = "fail",
         txt_unit: str = "file",
         keep: KeepFn | None = None,
+        max_chars: int = MAX_CHARS,
     ) -> None:
         if on_error not in ("fail", "skip"):
             raise PipelineError(f"--on-error must be fail or skip, not {on_error!r}")
@@ -138,6 +244,9 @@ class Reader:
         self.skip = on_error == "skip"
         self.txt_unit = txt_unit
         self.keep = keep
+        if max_chars < 1:
+            raise PipelineError(f"--max-doc-chars must be positive, not {max_chars}")
+        self.max_chars = max_chars
         self.skips = Skips()
 
     # -- error policy -----------------------------------------------------------------
@@ -154,6 +263,17 @@ class Reader:
             self._bad("non_string_text", where, f"{self.text_key!r} is {type(text).__name__}, not a string",
                       "fix the record or choose the right --text-key")
             return None
+        if len(text) > self.max_chars:
+            self._bad("too_long", where, f"document is {len(text):,} characters, over the limit of "
+                      f"{self.max_chars:,}", "split it, or raise --max-doc-chars (memory grows with it)")
+            return None
+        if not text.isascii():  # O(1) for ASCII strings; else a lone surrogate cannot be encoded
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                self._bad("invalid_text", where, f"text holds {text[e.start]!r} at character {e.start} "
+                          "(a lone surrogate, not Unicode text)", "fix the record")
+                return None
         if not text.strip():
             self._bad("empty_text", where, "document text is empty or whitespace only", "remove it")
             return None
@@ -173,10 +293,19 @@ class Reader:
 
     # -- streams ----------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, int, int]]:
+        corrupt = _decompression_errors()
         for i, src in enumerate(self.sources):
             reader = getattr(self, f"_read_{src.kind}")
+            n = 0
             try:
-                yield from reader(i, src)
+                for item in reader(i, src):
+                    n += 1
+                    yield item
+            except corrupt as e:  # before OSError: gzip.BadGzipFile is one
+                self._bad("corrupt_compressed_file", str(src),
+                          f"{src.compression or 'compressed'} data is truncated or corrupt after "
+                          f"{n} documents ({type(e).__name__}: {e})",
+                          "re-download or recompress the file")
             except OSError as e:
                 self._bad("unreadable_file", str(src), f"cannot read ({e.strerror or e})",
                           "check the path and its permissions")
@@ -189,10 +318,7 @@ class Reader:
         if src.compression == "gz":
             return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
         if src.compression == "zst":
-            import zstandard
-
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-            return io.BufferedReader(stream, buffer_size=1 << 20)  # type: ignore[arg-type]
+            return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
         return raw
 
     def _looks_binary(self, src: Source, head: bytes) -> bool:
@@ -268,13 +394,17 @@ class Reader:
                 buf.append(line)
             if buf and (blank or self.txt_unit == "line"):
                 rec += 1
-                if self._owned(i, rec) and (text := self._decode(b"".join(buf), f"{src}:{start}")):
-                    yield text.rstrip("\n"), i, rec
+                if self._owned(i, rec) and (text := self._unit(b"".join(buf), f"{src}:{start}")):
+                    yield text, i, rec
                 buf = []
         if buf:
             rec += 1
-            if self._owned(i, rec) and (text := self._decode(b"".join(buf), f"{src}:{start}")):
-                yield text.rstrip("\n"), i, rec
+            if self._owned(i, rec) and (text := self._unit(b"".join(buf), f"{src}:{start}")):
+                yield text, i, rec
+
+    def _unit(self, data: bytes, where: str) -> str | None:
+        text = self._decode(data, where)
+        return None if text is None else self._check_text(text.rstrip("\n"), where)
 
     def _decode(self, data: bytes, where: str) -> str | None:
         try:

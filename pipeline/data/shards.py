@@ -188,7 +188,7 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         if raw["format_version"] > FORMAT_VERSION:
             raise PipelineError(f"{path}: format version {raw['format_version']} is newer than this "
                                 f"code reads ({FORMAT_VERSION}); upgrade the pipeline")
-        return Manifest(
+        m = Manifest(
             root=root, tokenizer=raw["tokenizer"], vocab_size=raw["vocab_size"],
             eos_id=raw["eos_id"], dtype=raw["dtype"],
             shards=[ShardInfo(**s) for s in raw["shards"]], skipped=raw.get("skipped", {}),
@@ -197,6 +197,23 @@ def load_manifest(root: str | os.PathLike) -> Manifest:
         )
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{path}: not a valid data-prep manifest ({e!r})") from e
+    _check_listing(m, raw.get("totals"))
+    return m
+
+
+def _check_listing(m: Manifest, totals: Any) -> None:
+    """The manifest agrees with itself: shards stay inside the dataset, totals add up."""
+    path = m.root / MANIFEST
+    for s in m.shards:
+        if s.split not in SPLITS:
+            raise PipelineError(f"{path}: shard {s.prefix} has unknown split {s.split!r}")
+        prefix = Path(s.prefix)  # checked as written: a split directory may be a symlink to other storage
+        if prefix.is_absolute() or ".." in prefix.parts:
+            raise PipelineError(f"{path}: shard path {s.prefix!r} leaves the dataset directory {m.root}; "
+                                "a manifest may only name shards inside its own directory")
+    if totals is not None and totals != m.totals():
+        raise PipelineError(f"{path}: 'totals' {totals} do not add up from the shards' counts "
+                            f"{m.totals()} (the manifest was edited); rebuild the dataset")
 
 
 def open_shard(prefix: str):
@@ -237,8 +254,10 @@ def read_index(idx_path: Path) -> tuple[type[np.integer], np.ndarray, np.ndarray
     return _IDX_CODES[code], lengths, pointers, docs
 
 
-def verify_shard(m: Manifest, s: ShardInfo, chunk_tokens: int = 1 << 24) -> None:
-    """Check one shard against the manifest and its index against its data; raise on any gap."""
+def check_shard(m: Manifest, s: ShardInfo, checksums: bool = False) -> tuple[Path, Path]:
+    """The cheap half of `verify_shard`: both files present, of the recorded sizes, and the index
+    consistent with the manifest's counts (reads the `.idx`, not the data). `checksums` also
+    re-hashes both files. Returns the (bin, idx) paths."""
     base = m.root / s.prefix
     bin_path, idx_path = base.with_suffix(".bin"), base.with_suffix(".idx")
     for p in (bin_path, idx_path):
@@ -248,10 +267,9 @@ def verify_shard(m: Manifest, s: ShardInfo, chunk_tokens: int = 1 << 24) -> None
         actual = p.stat().st_size
         if actual != size:
             raise PipelineError(f"{p}: {actual} bytes, manifest says {size} (truncated or replaced)")
-        if sha256_file(p) != digest:
+        if checksums and sha256_file(p) != digest:
             raise PipelineError(f"{p}: sha256 differs from the manifest (corrupted: a changed byte)")
     dtype, lengths, pointers, docs = read_index(idx_path)
-    item = np.dtype(dtype).itemsize
     if np.dtype(dtype) != np.dtype(m.dtype):
         raise PipelineError(f"{idx_path}: dtype {np.dtype(dtype).name}, manifest says {m.dtype}")
     if len(lengths) != s.documents or not np.array_equal(docs, np.arange(s.documents + 1)):
@@ -259,11 +277,33 @@ def verify_shard(m: Manifest, s: ShardInfo, chunk_tokens: int = 1 << 24) -> None
                             f"manifest says {s.documents} single-sequence documents")
     if int(lengths.astype(np.int64).sum()) != s.tokens or (lengths < 1).any():
         raise PipelineError(f"{idx_path}: sequence lengths sum to {int(lengths.sum())}, manifest says {s.tokens}")
+    if s.tokens * np.dtype(dtype).itemsize != s.bin_bytes:
+        raise PipelineError(f"{bin_path}: {s.bin_bytes} bytes cannot hold {s.tokens} tokens of {m.dtype}")
+    return bin_path, idx_path
+
+
+def check_dataset(root: str | os.PathLike, checksums: bool = False) -> Manifest:
+    """What training runs before its first step: the manifest is complete and every shard agrees
+    with it (`check_shard`; with `checksums` the full `verify_dataset` pass instead)."""
+    if checksums:
+        return verify_dataset(root)
+    m = load_manifest(root)
+    if not m.complete:
+        raise PipelineError(f"{m.root / MANIFEST}: marked incomplete (\"complete\": false); "
+                            "rerun the build to finish it")
+    for s in m.shards:
+        check_shard(m, s)
+    return m
+
+
+def verify_shard(m: Manifest, s: ShardInfo, chunk_tokens: int = 1 << 24) -> None:
+    """Check one shard against the manifest and its index against its data; raise on any gap."""
+    bin_path, idx_path = check_shard(m, s, checksums=True)
+    dtype, lengths, pointers, docs = read_index(idx_path)
+    item = np.dtype(dtype).itemsize
     expect = np.concatenate([[0], np.cumsum(lengths.astype(np.int64))[:-1]]) * item
     if not np.array_equal(pointers, expect):
         raise PipelineError(f"{idx_path}: byte pointers do not match the sequence lengths")
-    if s.tokens * item != s.bin_bytes:
-        raise PipelineError(f"{bin_path}: {s.bin_bytes} bytes cannot hold {s.tokens} tokens of {m.dtype}")
     tokens = np.memmap(bin_path, dtype=dtype, mode="r")
     ends = (pointers // item + lengths - 1).astype(np.int64)
     if len(ends) and not (tokens[ends] == m.eos_id).all():
@@ -277,10 +317,14 @@ def verify_shard(m: Manifest, s: ShardInfo, chunk_tokens: int = 1 << 24) -> None
 
 
 def verify_dataset(root: str | os.PathLike, progress=None) -> Manifest:
-    """Re-read every shard of a dataset; raise `PipelineError` naming the first mismatch."""
+    """Re-read every shard of a dataset; raise `PipelineError` naming the first mismatch.
+
+    Besides the shards: the manifest's totals and shard paths (`load_manifest`) and the
+    tokenizer's files, when they are still at the recorded path (`check_tokenizer`)."""
     m = load_manifest(root)
     if not m.complete:
         raise PipelineError(f"{m.root / MANIFEST}: marked incomplete; rerun the build to finish it")
+    check_tokenizer(m)
     seen: set[str] = set()
     for s in m.shards:
         if s.prefix in seen:
@@ -290,6 +334,27 @@ def verify_dataset(root: str | os.PathLike, progress=None) -> Manifest:
         if progress is not None:
             progress(s)
     return m
+
+
+def check_tokenizer(m: Manifest) -> bool:
+    """Compare the tokenizer files at the recorded path with their recorded sha256.
+
+    True when checked; False when the tokenizer is not there (a dataset copied to another
+    machine is still usable: its identity stays in the manifest). A changed file raises."""
+    tok = m.tokenizer
+    path = Path(tok.get("path", ""))
+    recorded = tok.get("files") or {}
+    if not recorded or not path.exists():
+        return False
+    folder = path if path.is_dir() else path.parent
+    for name, digest in recorded.items():
+        f = folder / name
+        if not f.is_file():
+            return False
+        if sha256_file(f) != digest:
+            raise PipelineError(f"{f}: sha256 differs from the one recorded in {m.root / MANIFEST}; the "
+                                "tokenizer changed since the build, so the shards' ids do not match it")
+    return True
 
 
 def merge_manifests(root: str | os.PathLike, parts: list[str | os.PathLike] | None = None,

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,21 @@ class Tokenizer:
     def ids(native: Any) -> list[int]:
         """The token ids of one `encode_native` result."""
         return native
+
+    def flat_ids(self, native: Any, dtype: type[np.integer]) -> tuple[np.ndarray, np.ndarray]:
+        """An `encode_native` batch as (all ids back to back in `dtype`, each document's length)."""
+        arrays = [np.array(self.ids(x), dtype) for x in native]  # fastest list -> array path
+        lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
+        return (np.concatenate(arrays) if arrays else np.empty(0, dtype)), lengths
+
+    def n_tokens(self, native: Any) -> int:
+        """Tokens in an `encode_native` batch."""
+        return sum(map(len, native))
+
+    def special_strings(self) -> list[str]:
+        """The special / added / control tokens' text, to test that plain text holding them
+        encodes the same in every backend."""
+        return []
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -146,6 +163,9 @@ class HFTokenizer(Tokenizer):
     def ids(native: Any) -> list[int]:
         return native.ids
 
+    def special_strings(self) -> list[str]:
+        return [t.content for t in self._tok.get_added_tokens_decoder().values()]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -191,6 +211,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_native(self, texts: list[str]) -> list[Any]:
         return self._sp.encode(texts, out_type=int, num_threads=self.threads or -1)
+
+    def special_strings(self) -> list[str]:
+        sp = self._sp
+        return [sp.id_to_piece(i) for i in range(min(sp.get_piece_size(), 512))
+                if sp.is_control(i) or sp.is_unknown(i)
+                or (sp.id_to_piece(i).startswith("<") and sp.id_to_piece(i).endswith(">") and not sp.is_byte(i))]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

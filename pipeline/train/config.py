@@ -59,6 +59,10 @@ class DataSection:
     """S: tokens per packed training sequence."""
     seed: int = 1234
     """Seeds the sequence order, the site draws and a fresh model's init."""
+    verify: bool = False
+    """Before training, re-hash every shard against the manifest (a flipped byte is found; costs
+    a full read of the data). Without it the start-up check is cheap: the manifest is complete,
+    every shard's sizes and index agree with it."""
 
     def __post_init__(self) -> None:
         check([f"data.seq_len={self.seq_len}: must be >= 2 (a sequence predicts its next tokens)"]

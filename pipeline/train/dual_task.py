@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import from_dict
-from pipeline.data.shards import Manifest, load_manifest
+from pipeline.data.shards import Manifest, check_dataset, load_manifest
 from pipeline.dual import DualModel, export_dual
 from pipeline.errors import PipelineError
 from pipeline.flops import attention_flops, causal_pairs, matmul_flops
@@ -171,7 +171,7 @@ class DualPretraining(Task):
         cfg = self.config
         if not cfg.data.path:
             raise PipelineError("data.path is not set: point it at a data-prep output directory")
-        self.manifest = load_manifest(cfg.data.path)
+        self.manifest = check_dataset(cfg.data.path, checksums=cfg.data.verify)  # before any step
         manifest = self.manifest
         self._data = DataIdentity.of(cfg.data.path, manifest)
         self.manifest_file = Path(cfg.data.path) / "manifest.json"
