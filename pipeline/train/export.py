@@ -14,6 +14,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from pipeline.ltm import task as ltm_task  # noqa: F401 - registers the built-in task kind ltm
 from pipeline.tasks import finetune  # noqa: F401 - registers the built-in task kind reasoning_sft
 from pipeline.train import dual_task  # noqa: F401 - registers the built-in task kind
 from pipeline.train.checkpoint import read_record
