@@ -168,12 +168,17 @@ def infer(decoder: nn.Module, input_ids: Tensor, cfg: InferenceConfig, noise: Te
 
 
 def ltm_objective(decoder: nn.Module, input_ids: Tensor, cfg: InferenceConfig, noise: Tensor, *,
-                  steps: int | None = None) -> tuple[Tensor, ElboTerms, Posterior]:
+                  steps: int | None = None, inner: nn.Module | None = None) -> tuple[Tensor, ElboTerms, Posterior]:
     """One training micro-batch: fast learning, then the slow objective at the final posterior
     (mean over sequences of the negative ELBO per token; its gradient reaches the decoder only).
-    `noise` holds steps + 1 draws: one per inner step and one for the slow step."""
+    `noise` holds steps + 1 draws: one per inner step and one for the slow step.
+
+    `inner` is the module the inner loop runs (default `decoder`). Under DeepSpeed, pass the
+    engine as `decoder` and the bare module as `inner`: the engine's forward hooks its outputs
+    so that *any* backward through them runs ZeRO's gradient reduction epilogue, which an
+    inner-loop `autograd.grad` must not trigger."""
     steps = cfg.steps if steps is None else steps
-    post = infer(decoder, input_ids, cfg, noise, steps=steps)
+    post = infer(decoder if inner is None else inner, input_ids, cfg, noise, steps=steps)
     terms = elbo_terms(decoder, input_ids, post.mu, post.logvar, noise[steps])
     loss = ((terms.nll + terms.kl) / terms.tokens.clamp(min=1)).mean()
     return loss, terms, post

@@ -162,7 +162,8 @@ class LTMPretraining(Task):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         steps = self.config.inference.steps
         x = batch["input_ids"]
-        loss, terms, post = ltm_objective(model, x, self.config.inference, self.noise(batch["seeds"], steps))
+        loss, terms, post = ltm_objective(model, x, self.config.inference, self.noise(batch["seeds"], steps),
+                                          inner=getattr(model, "module", model))  # the bare decoder: see ltm_objective
         n = terms.tokens.clamp(min=1).float()
         metrics: dict[str, Any] = {"recon_nll": (terms.nll / n).mean().detach(), "kl": (terms.kl / n).mean().detach(),
                                    "elbo": -loss.detach(), "ppl_bound": loss.detach().exp(),
@@ -188,7 +189,8 @@ class LTMPretraining(Task):
             rows = list(range(first, min(first + micro, n)))
             x = self.val_data.batch(rows).to(self.layout.device)
             seeds = sequence_seeds(cfg.data.seed, EVAL_STEP, i, 0, len(rows))
-            _, terms, _ = ltm_objective(model, x, cfg.inference, self.noise(seeds, steps))
+            _, terms, _ = ltm_objective(model, x, cfg.inference, self.noise(seeds, steps),
+                                        inner=getattr(model, "module", model))
             total += float((terms.nll + terms.kl).sum())
             nll += float(terms.nll.sum())
             tokens += float(terms.tokens.sum())
