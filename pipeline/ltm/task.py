@@ -12,7 +12,8 @@ noise of every inner step is a function of (seed, step, micro-step, rank, row), 
 run redraws it exactly.
 
 Logged per step (MLflow and metrics.jsonl): `loss` (= -ELBO per token), `recon_nll` and
-`kl` per token, `elbo` per token, `ppl_bound` = exp(-ELBO per token), the inner loop's
+`kl` per token, `elbo` per token (metrics are averaged over micro-batches and ranks, so the
+step's ppl bound is exp(loss); validation logs `val_ppl_bound`), the inner loop's
 `inner_elbo_first` / `inner_elbo_last` per token (inference working = last > first),
 `trflops_per_token` by paper 003 §2.4's count, besides the loop's tokens/s and TFLOP/s
 (from `flops`, which counts what runs: the inner backward passes need no weight gradients).
@@ -166,7 +167,7 @@ class LTMPretraining(Task):
                                           inner=getattr(model, "module", model))  # the bare decoder: see ltm_objective
         n = terms.tokens.clamp(min=1).float()
         metrics: dict[str, Any] = {"recon_nll": (terms.nll / n).mean().detach(), "kl": (terms.kl / n).mean().detach(),
-                                   "elbo": -loss.detach(), "ppl_bound": loss.detach().exp(),
+                                   "elbo": -loss.detach(),
                                    "trflops_per_token": self.per_token["paper"]}
         if post.elbo_first is not None:
             metrics |= {"inner_elbo_first": (post.elbo_first / n).mean(), "inner_elbo_last": (post.elbo_last / n).mean()}

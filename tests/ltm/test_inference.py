@@ -134,7 +134,7 @@ def test_elbo_matches_a_hand_computation():
         log_px = sum(float(logits[b, t, x[b, t + 1]] - torch.logsumexp(logits[b, t], 0)) for t in range(8))
         kl = sum(0.5 * (m * m + math.exp(lv) - 1 - lv) for m, lv in zip(mu[b].flatten().tolist(),
                                                                        logvar[b].flatten().tolist(), strict=True))
-        assert float(terms.nll[b]) == pytest.approx(-log_px, rel=1e-5)
+        assert float(terms.nll[b].detach()) == pytest.approx(-log_px, rel=1e-5)
         assert float(terms.kl[b]) == pytest.approx(kl, rel=1e-5)
         assert float(terms.elbo[b]) == pytest.approx(log_px - kl, rel=1e-5)
     assert terms.tokens.tolist() == [8, 8]
@@ -178,7 +178,7 @@ def _topic_batch(n: int, gen: torch.Generator, length: int = 24, vocab: int = 24
 
 def test_more_inference_steps_improve_the_held_out_elbo_of_a_trained_model():
     dec = _model(vocab_size=24, d_model=32, n_head=2, n_layer=1, n_latents=4, d_ff=64, window=2)
-    cfg = InferenceConfig(steps=4, lr=0.3, lr_end=0.34)
+    cfg = InferenceConfig(steps=4, lr=0.05, lr_end=0.057)  # the tiny preset's rate (0.3 overshoots here)
     opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(150):
