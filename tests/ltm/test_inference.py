@@ -178,7 +178,8 @@ def _topic_batch(n: int, gen: torch.Generator, length: int = 24, vocab: int = 24
 
 def test_more_inference_steps_improve_the_held_out_elbo_of_a_trained_model():
     dec = _model(vocab_size=24, d_model=32, n_head=2, n_layer=1, n_latents=4, d_ff=64, window=2)
-    cfg = InferenceConfig(steps=4, lr=0.05, lr_end=0.057)  # the tiny preset's rate (0.3 overshoots here)
+    # starting at the prior, with a gentler rate: a setting where the toy trains in seconds
+    cfg = InferenceConfig(steps=4, lr=0.05, lr_end=0.057, init_logvar=0.0)
     opt = torch.optim.AdamW(dec.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     for step in range(150):

@@ -43,13 +43,18 @@ def test_every_preset_loads(name):
     if kind == "dual_pretraining":
         assert cfg == load_config(name)  # presets without `task:` are what load_config reads
         assert cfg.dual.spec  # a known variant
+    elif kind == "ltm":
+        from pipeline.ltm import ltm_preset
+
+        assert name.startswith("ltm-")
+        assert cfg.data.seq_len <= ltm_preset(cfg.model.preset, **cfg.model.overrides).max_position_embeddings
     else:
         assert kind == "reasoning_sft" and name.startswith("reason-")
         assert cfg.data.cot == ("-cot" in name)
     assert load_task(name).kind == kind
     from pipeline.models import preset
 
-    if not cfg.model.path:
+    if kind != "ltm" and not cfg.model.path:
         mc = preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
         if kind == "reasoning_sft":
             assert cfg.data.max_len <= mc.max_position_embeddings
