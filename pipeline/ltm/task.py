@@ -95,28 +95,33 @@ def sliding_pairs(seq_len: int, window: int) -> int:
     return window * (window + 1) // 2 + (seq_len - window) * window
 
 
-def forward_flops_per_token(mc: LTMModelConfig, seq_len: int) -> float:
+def forward_flops_per_token(mc: LTMModelConfig, seq_len: int, *, self_pairs: int | None = None) -> float:
     """One forward pass per token: every matmul (the head included, the lookup table not),
-    self-attention over the window's pairs, cross-attention to the layer's latents.
-    z's key/value projections (n_l vectors per layer) are counted per token too, spread."""
+    self-attention over `self_pairs` query-key pairs per sequence (default: those the sliding
+    window lets through), cross-attention to the layer's latents. z's key/value projections
+    (n_l vectors per layer) are counted too, spread over the sequence's tokens."""
     d, n_l = mc.d_model, mc.latents_per_layer
-    body = mc.n_layer * (4 * d * d + 2 * d * d + mc.d_ff * 3 * d)  # self q,k,v,o + cross q,o + MLP
-    kv_z = mc.n_layer * 2 * d * d * n_l / seq_len                   # cross k,v over z_l, per token
+    body = mc.n_layer * (6 * d * d + 3 * d * mc.d_ff)   # self q,k,v,o + cross q,o + SwiGLU, per token
+    kv_z = mc.n_layer * 2 * d * d * n_l / seq_len       # cross k,v over z_l, per token
     head = mc.vocab_size * d
+    pairs = sliding_pairs(seq_len, mc.window) if self_pairs is None else self_pairs
     geometry = {"n_layer": mc.n_layer, "n_head": mc.n_head, "head_dim": mc.head_dim}
-    attn = attention_flops(sliding_pairs(seq_len, mc.window) + seq_len * n_l, **geometry) / seq_len
+    attn = attention_flops(pairs + seq_len * n_l, **geometry) / seq_len
     return matmul_flops(body + head, 1) + 2 * kv_z + attn
 
 
 def paper_trflops_per_token(mc: LTMModelConfig, seq_len: int, steps: int) -> float:
-    """Training FLOPs per token by paper 003 §2.4: (T_fast + 1_slow) forward + backward passes,
-    a backward costing twice a forward."""
-    return (steps + 1) * 3 * forward_flops_per_token(mc, seq_len)
+    """Training FLOPs per token as paper 003 §2.4 counts them: (T_fast + 1_slow) forward +
+    backward passes, a backward twice a forward, and self-attention over all N^2 query-key
+    pairs of the sequence (its O(L N^2 H) term: no window, no causal half). This reproduces
+    Table 1's 4.07G (LTM-Small) and 5.52G (LTM-Medium) per token at N = 1024, T_fast = 16."""
+    return (steps + 1) * 3 * forward_flops_per_token(mc, seq_len, self_pairs=seq_len * seq_len)
 
 
 def run_flops_per_token(mc: LTMModelConfig, seq_len: int, steps: int) -> float:
-    """What actually runs: T_fast forwards + backwards without weight gradients (only the
-    path to z), then one full forward + backward; matmul weight gradients cost 2N each."""
+    """What actually runs (`pipeline.flops` conventions): attention only over the pairs the
+    sliding window lets through; T_fast forwards + backwards without weight gradients (only
+    the path to z), then one full forward + backward. A matmul's weight gradient costs 2N."""
     fwd = forward_flops_per_token(mc, seq_len)
     weights = matmul_flops(mc.n_layer * (6 * mc.d_model**2 + 3 * mc.d_model * mc.d_ff) + mc.vocab_size * mc.d_model, 1)
     return steps * (3 * fwd - weights) + 3 * fwd
