@@ -5,6 +5,7 @@
     python launchers/benchmark.py dual  [--help]   # packed three-pass step vs per-site loop
     python launchers/benchmark.py eval  [--help]   # ppl-at-k sites/s, multiple-choice questions/s
     python launchers/benchmark.py train [--help]   # training tokens/s per variant under DeepSpeed
+    python launchers/benchmark.py ltm   [--help]   # LTM step (inner + slow) vs plain LM of equal size, FLOPs/token
 
 Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
 this file only dispatches, importing the suite it runs and nothing else.
@@ -21,6 +22,7 @@ SUITES = {
     "dual": "pipeline.dual.benchmark",
     "eval": "pipeline.eval.benchmark",
     "train": "pipeline.train.benchmark",
+    "ltm": "pipeline.ltm.benchmark",
 }
 
 

@@ -30,7 +30,14 @@ from torch import Tensor
 from pipeline.data.shards import load_manifest
 from pipeline.errors import PipelineError
 from pipeline.ltm.export import is_ltm_export, load_ltm
-from pipeline.ltm.inference import InferenceConfig, Posterior, draw_noise, elbo_terms, infer, sequence_seeds
+from pipeline.ltm.inference import (
+    InferenceConfig,
+    Posterior,
+    draw_noise,
+    elbo_terms,
+    infer,
+    sequence_seeds,
+)
 from pipeline.ltm.model import LTMDecoder, next_token_targets
 from pipeline.models import from_pretrained
 from pipeline.train.data import PackedSequences
