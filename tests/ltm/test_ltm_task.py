@@ -128,6 +128,11 @@ def test_micro_end_to_end_through_the_launchers(ltm_data, tmp_path):
         assert r["ppl_bound"] == pytest.approx(np.exp(r["neg_elbo_per_token"]))
         assert r["ppl_bound"] >= r["recon_ppl"]
     assert "<= " in ev.stdout
+    gen = subprocess.run([sys.executable, "launchers/evaluate.py", "ltm-generate", "--model", str(run / "export"),
+                          "--prompt", "Copy 3.", "--steps", "2", "--max-new-tokens", "4",
+                          "--tokenizer", str(ltm_data.parent / "spm.model")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert gen.returncode == 0 and gen.stdout.startswith("Copy 3."), gen.stderr[-2000:]
     bad = subprocess.run([sys.executable, "launchers/evaluate.py", "ltm-ppl", "--model", str(run / "export"),
                           "--steps", "0,x", "--out", str(tmp_path / "eval")], cwd=ROOT, env=env,
                          capture_output=True, text=True)
