@@ -86,7 +86,8 @@ def plain_ppl(path: str, windows: Tensor, *, batch_size: int = 8, device: str = 
             nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
                                                            reduction="sum"))
             tokens += float((targets != -100).sum())
-    return {"nll_per_token": nll / tokens, "ppl": math.exp(nll / tokens), "tokens": int(tokens)}
+    return {"nll_per_token": nll / tokens, "ppl": math.exp(nll / tokens), "tokens": int(tokens),
+            "params": lm.num_params()}
 
 
 def ltm_ppl(models: list[str], *, steps: list[int], data: str | None = None, seq_len: int | None = None,
@@ -96,7 +97,7 @@ def ltm_ppl(models: list[str], *, steps: list[int], data: str | None = None, seq
     ltms = [m for m in models if is_ltm_export(m)]
     if not ltms:
         raise PipelineError("ltm-ppl needs at least one LTM export (a directory whose pipeline.json says kind ltm)")
-    first_info = load_ltm(ltms[0])[1]
+    first_info = json.loads((Path(ltms[0]) / "pipeline.json").read_text())
     data = data or first_info["run_config"]["data"]["path"]
     seq_len = seq_len or first_info["seq_len"]
     if any(t < 0 for t in steps):
@@ -117,9 +118,8 @@ def ltm_ppl(models: list[str], *, steps: list[int], data: str | None = None, seq
                     shown.close()
             results["models"][path] = {"kind": "ltm", "params": decoder.num_params(), "sweep": rows}
         else:
-            lm_result = plain_ppl(path, windows, batch_size=batch_size, device=device)
-            lm_result["params"] = from_pretrained(base_dir(path)).num_params()
-            results["models"][path] = {"kind": "causal_lm", **lm_result}
+            results["models"][path] = {"kind": "causal_lm", **plain_ppl(path, windows, batch_size=batch_size,
+                                                                         device=device)}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
