@@ -6,6 +6,7 @@
     python launchers/benchmark.py eval  [--help]   # ppl-at-k sites/s, multiple-choice questions/s
     python launchers/benchmark.py train [--help]   # training tokens/s per variant under DeepSpeed
     python launchers/benchmark.py coconut [--help] # Coconut vs dual Hyp. 2: train step and inference at N_L = 4, 8, 16
+    python launchers/benchmark.py ltm   [--help]   # LTM step (inner + slow) vs plain LM of equal size, FLOPs/token
 
 Each suite lives beside the code it measures (`pipeline/<area>/benchmark.py`);
 this file only dispatches, importing the suite it runs and nothing else.
@@ -23,6 +24,7 @@ SUITES = {
     "eval": "pipeline.eval.benchmark",
     "train": "pipeline.train.benchmark",
     "coconut": "pipeline.coconut.benchmark",
+    "ltm": "pipeline.ltm.benchmark",
 }
 
 

@@ -8,6 +8,9 @@
     python launchers/evaluate.py diagnostics --model DIR [--data DIR | --task T --task-file F] --out eval/
     python launchers/evaluate.py probe --model DIR [--sequences 64] --out eval/   # why latents (don't) help
     python launchers/evaluate.py reasoning --task prosqa --model DIR [--data F.json] [--dump F.jsonl] [--dump-nll F.jsonl] --out eval/
+    python launchers/evaluate.py ltm-ppl --model runs/ltm/export [--model runs/cp/export] [--data SHARDS] \
+        --steps 0,4,16 [--sequences 64] --out eval/       # ELBO ppl bound of an LTM vs a plain LM's ppl
+    python launchers/evaluate.py ltm-generate --model runs/ltm/export --prompt "def main" [--temperature 0.8]
 
 Results go to OUT/<task>.json and .md (plus PNGs for ppl-at-k and diagnostics), and to MLflow
 with --mlflow-run ID (an existing run) or --mlflow-experiment NAME (a new run).
@@ -77,6 +80,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="per-example teacher-forced answer NLL: {context, targets, nll} per line")
     rs.add_argument("--max-new-tokens", type=int, default=128)
     rs.add_argument("--tokenizer")
+    lt = sub.add_parser("ltm-ppl", parents=[common], help="LTM: ELBO ppl bound over inference steps (+ plain LMs)")
+    lt.add_argument("--data", help="data-prep dir (default: the LTM's training data)")
+    lt.add_argument("--steps", default="0,4,16", help="inference steps T, comma-separated (default 0,4,16)")
+    lt.add_argument("--sequences", type=int, default=64, help="held-out windows (default 64)")
+    lt.add_argument("--seq-len", type=int, help="window length (default: the LTM's training seq_len)")
+    lt.add_argument("--seed", type=int, default=0)
+    lg = sub.add_parser("ltm-generate", parents=[common], help="LTM: infer z from a prompt, then decode")
+    lg.add_argument("--prompt", required=True)
+    lg.add_argument("--steps", type=int, help="inference steps on the prompt (default: the training T_fast)")
+    lg.add_argument("--max-new-tokens", type=int, default=64)
+    lg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy with z = mu (default)")
+    lg.add_argument("--seed", type=int, default=0)
+    lg.add_argument("--tokenizer", help="default: the tokenizer recorded in the export")
     return p.parse_args(argv)
 
 
@@ -90,12 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.progress import Progress
 
         unit = {"ppl-at-k": "sites", "mc": "requests", "gsm8k": "questions", "diagnostics": "sites",
-                "probe": "models", "reasoning": "questions"}[args.cmd]
+                "probe": "models", "reasoning": "questions", "ltm-ppl": "windows", "ltm-generate": "tokens"}[args.cmd]
 
         def bar(total: int, desc: str) -> Progress:  # the runner updates it and closes it
             return Progress(total, f"{desc} ({unit})")
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.cmd == "ltm-ppl":
+            return _ltm_ppl(args, device, bar)
+        if args.cmd == "ltm-generate":
+            return _ltm_generate(args, device)
         models = runner.load_models(args.model, device=device, dtype=args.dtype)
         log = dict(mlflow_run=args.mlflow_run, mlflow_experiment=args.mlflow_experiment, bar=bar)
         if args.cmd == "ppl-at-k":
@@ -137,6 +157,40 @@ def main(argv: list[str] | None = None) -> int:
     print((Path(args.out) / f"{stem}.md").read_text(), end="")
     print(f"results: {Path(args.out) / stem}.json" + (f"; dump: {args.dump}" if getattr(args, "dump", None) else ""))
     return 0 if res else 1
+
+
+def _ltm_ppl(args: argparse.Namespace, device: str, bar) -> int:
+    from pathlib import Path
+
+    from pipeline.ltm.evaluate import ltm_ppl
+
+    try:
+        steps = [int(t) for t in args.steps.split(",") if t.strip()]
+    except ValueError:
+        raise PipelineError(f"--steps {args.steps!r}: expected comma-separated integers, e.g. 0,4,16") from None
+    ltm_ppl(args.model, steps=steps, data=args.data, seq_len=args.seq_len, sequences=args.limit or args.sequences,
+            batch_size=args.batch_size or 8, seed=args.seed, device=device, out=args.out,
+            bar=lambda total, desc: bar(total, desc))
+    print((Path(args.out) / "ltm_ppl.md").read_text(), end="")
+    print(f"results: {Path(args.out) / 'ltm_ppl'}.json")
+    return 0
+
+
+def _ltm_generate(args: argparse.Namespace, device: str) -> int:
+    import torch
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.ltm import load_ltm
+    from pipeline.ltm.evaluate import generate
+
+    decoder, info = load_ltm(args.model[0], device=device)
+    tok = load_tokenizer(args.tokenizer or info["tokenizer"].get("path", ""))
+    prompt = torch.tensor(tok.encode_batch([args.prompt])[0])
+    steps = info["inference"].steps if args.steps is None else args.steps
+    out, _ = generate(decoder, prompt, info["inference"], steps=steps, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, seed=args.seed, eos_id=info["tokenizer"].get("eos_id"))
+    print(args.prompt + tok.decode(out[len(prompt):].tolist()))
+    return 0
 
 
 def _split_task(spec: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from pipeline.attention.rules import (
     doc_ids_from_eos,
     document_causal,
     prefix_block_causal,
+    sliding_window_causal,
     uniform_blocks,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "doc_ids_from_eos",
     "document_causal",
     "prefix_block_causal",
+    "sliding_window_causal",
     "uniform_blocks",
 ]

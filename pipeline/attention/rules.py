@@ -8,6 +8,8 @@ backend). Key layout is always "prefix keys, then the pass's own keys".
   of different lengths decoded as one batch) are hidden from every query.
 - `document_causal(doc_ids)`: causal, and only within the same document
   (EOS-separated packing; `doc_ids_from_eos` makes the ids).
+- `sliding_window_causal(q_len, window)`: causal, and only the last `window` keys
+  (the query's own included): the short context of Latent Thought Models (paper 003).
 - `prefix_block_causal(...)`: the dual model's rule. Each query has a block id,
   an index within its block and a prefix limit `p`; a key is either a prefix key
   with a source position (visible iff source position <= p, and, when document
@@ -71,6 +73,33 @@ def causal(q_len: int, kv_len: int | None = None, *, key_valid: Tensor | None = 
     return AttentionPattern(
         _causal_rule, q_len, kv_len, {"offset": offset}, backend=backend, is_causal=kv_len == q_len
     )
+
+
+# --- sliding-window causal ---------------------------------------------------------------
+
+
+def _sliding_window_rule(meta, b, h, q_idx, kv_idx):
+    pos = q_idx + meta["offset"][0, 0]  # the query's position among the keys
+    return (kv_idx <= pos) & (kv_idx > pos - meta["window"][0, 0])
+
+
+def sliding_window_causal(q_len: int, window: int, kv_len: int | None = None, *,
+                          backend: Backend = "auto") -> AttentionPattern:
+    """Causal attention over the last `window` keys, the query's own key included: query i
+    (at key position i + kv_len - q_len) sees keys i + kv_len - q_len - window + 1 ... its own.
+
+    Stacked over L layers, position n's output depends on tokens back to n - L (window - 1)
+    (each layer reaches `window - 1` further), as with any sliding-window decoder.
+    """
+    kv_len = q_len if kv_len is None else kv_len
+    if kv_len < q_len:
+        raise PipelineError(f"sliding_window_causal: kv_len ({kv_len}) < q_len ({q_len})")
+    if window < 1:
+        raise PipelineError(f"sliding_window_causal: window must be >= 1, got {window}")
+    if window >= kv_len:  # nothing falls out of the window: plain causal (and its fast path)
+        return causal(q_len, kv_len, backend=backend)
+    meta = {"offset": torch.tensor([[kv_len - q_len]]), "window": torch.tensor([[window]])}
+    return AttentionPattern(_sliding_window_rule, q_len, kv_len, meta, backend=backend)
 
 
 # --- document-masked causal --------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config import apply_overrides, from_dict
 from pipeline.errors import PipelineError
+from pipeline.ltm import task as ltm_task  # noqa: F401 - registers ltm
 from pipeline.tasks import coconut, finetune, latent  # noqa: F401 - register coconut, reasoning_sft, latent_sft
 from pipeline.train.config import preset_path, read_yaml
 from pipeline.train.dual_task import DualPretraining

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.ltm import task as ltm_task  # noqa: F401 - registers the built-in task kind ltm
 from pipeline.tasks import coconut, finetune, latent  # noqa: F401 - register the task kinds coconut, reasoning_sft, latent_sft
 from pipeline.train import checkpoint, dual_task  # noqa: F401 - registers the built-in task kind
 from pipeline.train.task import get_task

@@ -51,12 +51,17 @@ def test_every_preset_loads(name):
         assert cfg.model.path.startswith(f"runs/reason-{task}-cot") and f"-{cfg.dual.variant}" in name
     elif kind == "reasoning_sft":
         assert name.startswith("reason-") and cfg.data.cot == ("-cot" in name)
+    elif kind == "ltm":
+        from pipeline.ltm import ltm_preset
+
+        assert name.startswith("ltm-")
+        assert cfg.data.seq_len <= ltm_preset(cfg.model.preset, **cfg.model.overrides).max_position_embeddings
     else:
         assert name.startswith("reason-") and f"-{kind}" in name  # e.g. reason-prosqa-coconut
     assert load_task(name).kind == kind
     from pipeline.models import preset
 
-    if not cfg.model.path:
+    if kind != "ltm" and not cfg.model.path:
         mc = preset(cfg.model.preset, **cfg.model.overrides)  # a valid model preset and overrides
         if kind != "dual_pretraining":
             assert cfg.data.max_len <= mc.max_position_embeddings
