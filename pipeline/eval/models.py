@@ -233,7 +233,7 @@ def load_eval_model(path: str | Path, *, device: str | torch.device = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise PipelineError(f"--model {path}: not a directory")
-    name = name or path.name
+    name = name or (path.parent.name if path.name == "export" else path.name)  # runs/x/liu/export -> liu
     if (path / "pipeline.json").is_file():
         meta = read_pipeline_json(path)
         if is_coconut(meta):
