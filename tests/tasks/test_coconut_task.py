@@ -155,7 +155,7 @@ def test_zero2_run_resets_moments_at_stage_changes_and_exports_for_evaluate(mini
                    "--max-new-tokens", "8", "--batch-size", "4", "--dump", str(dump), "--out", str(out),
                    "--device", "cpu"])
     assert rc == 0
-    result = json.loads((out / "reasoning.json").read_text())["results"]["export"]
+    result = json.loads((out / "reasoning.json").read_text())["results"][export.parent.name]
     assert result["n"] == 4 and result["model"]["variant"] == "coconut"
     tok = load_tokenizer(export / "base")
     records = [json.loads(line) for line in dump.read_text().splitlines()]

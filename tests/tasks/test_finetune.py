@@ -202,7 +202,7 @@ def test_two_rank_finetune_exports_a_model_the_evaluator_reads(mini, tmp_path):
                    "--max-new-tokens", "12", "--batch-size", "4", "--dump", str(dump), "--out", str(out),
                    "--device", "cpu"])
     assert rc == 0
-    result = json.loads((out / "reasoning.json").read_text())["results"]["export"]
+    result = json.loads((out / "reasoning.json").read_text())["results"][export.parent.name]
     records = [json.loads(line) for line in dump.read_text().splitlines()]
     assert [r["question"] for r in records] == [e["question"] for e in examples[:6]]
     assert result["n"] == 6 and rescore("prosqa", records)["accuracy"] == result["accuracy"]
