@@ -22,6 +22,7 @@ from pipeline.config import from_dict, to_dict
 from pipeline.errors import PipelineError
 from pipeline.ltm.inference import InferenceConfig
 from pipeline.ltm.model import LTMDecoder, LTMModelConfig
+from pipeline.train.task import load_checked
 
 KIND = "ltm"
 
@@ -64,11 +65,8 @@ def load_ltm(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[L
         raise PipelineError(f"{path}/pipeline.json: kind is {info.get('kind')!r}, not {KIND!r}")
     decoder = LTMDecoder(from_dict(LTMModelConfig, raw, where=f"{path}/config.json"))
     state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = decoder.load_state_dict(state, strict=False)
-    lost = [k for k in missing if not (k == "lm_head.weight" and decoder.config.tie_word_embeddings)]
-    if lost or unexpected:
-        raise PipelineError(f"{path}/model.safetensors does not match config.json "
-                            f"(missing {lost[:5]}, unexpected {unexpected[:5]})")
+    load_checked(decoder, state, f"{path}/model.safetensors (against config.json)",
+                 tied=decoder.config.tie_word_embeddings)
     decoder.tie_weights()
     info["inference"] = from_dict(InferenceConfig, info.get("inference", {}), where=f"{path}/pipeline.json: inference")
     return decoder.to(device).eval(), info

@@ -43,7 +43,7 @@ from pipeline.ltm.model import LTMDecoder, LTMModelConfig, ltm_preset
 from pipeline.train.config import DataSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder, PackedSequences
 from pipeline.train.dual_task import DataIdentity
-from pipeline.train.task import BatchLayout, StepOutput, Task, register_task
+from pipeline.train.task import BatchLayout, StepOutput, Task, load_checked, register_task
 
 log = logging.getLogger(__name__)
 EVAL_STEP = 10**9  # validation noise comes from its own seed stream
@@ -223,11 +223,7 @@ class LTMPretraining(Task):
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         decoder = build_decoder(self.config, self._data)
-        missing, unexpected = decoder.load_state_dict(state, strict=False)
-        lost = [k for k in missing if not (k == "lm_head.weight" and decoder.config.tie_word_embeddings)]
-        if lost or unexpected:
-            raise PipelineError(f"{where}: checkpoint does not match the LTM decoder "
-                                f"(missing {sorted(lost)[:5]}, unexpected {unexpected[:5]})")
+        load_checked(decoder, state, f"{where}: checkpoint", tied=decoder.config.tie_word_embeddings)
         decoder.tie_weights()
         run_config = self.config_dict()
         run_config["data"]["path"] = self._data.path

@@ -54,7 +54,14 @@ from pipeline.tasks.schema import load_examples
 from pipeline.train.config import ModelSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder
 from pipeline.train.optimizer_state import reset_optimizer_moments
-from pipeline.train.task import BatchLayout, StepOutput, Task, register_task
+from pipeline.train.task import (
+    BatchLayout,
+    StepOutput,
+    Task,
+    load_checked,
+    register_task,
+    require_meta,
+)
 
 log = logging.getLogger(__name__)
 MARKERS = 2
@@ -245,9 +252,7 @@ class CoconutTask(Task):
 
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> CoconutTask:
-        missing = {"tokenizer", "model_config"} - set(meta)
-        if missing:
-            raise PipelineError(f"{where}: task.json meta lacks {', '.join(sorted(missing))}")
+        require_meta(meta, {"tokenizer", "model_config"}, where)
         return cls(from_dict(CoconutConfig, config, where=where), meta=meta)
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
@@ -256,11 +261,7 @@ class CoconutTask(Task):
         if "markers" not in state:
             raise PipelineError(f"{where}: checkpoint has no 'markers' (the <bot>/<eot> embeddings)")
         lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k != "markers"}
-        missing, unexpected = lm.load_state_dict(lm_state, strict=False)
-        lost = [n for n in missing if not (n.endswith("lm_head.weight") and lm.config.tie_word_embeddings)]
-        if lost or unexpected:
-            raise PipelineError(f"{where}: checkpoint does not match the model "
-                                f"(missing {sorted(lost)[:5]}, unexpected {unexpected[:5]})")
+        load_checked(lm, lm_state, f"{where}: checkpoint", tied=lm.config.tie_word_embeddings)
         lm.tie_weights()
         model = CoconutLM(lm, state["markers"])
         c = self.config.curriculum

@@ -59,7 +59,14 @@ from pipeline.tasks.schema import load_examples
 from pipeline.train.config import ModelSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder
 from pipeline.train.dual_task import base_dir
-from pipeline.train.task import BatchLayout, StepOutput, Task, register_task
+from pipeline.train.task import (
+    BatchLayout,
+    StepOutput,
+    Task,
+    load_checked,
+    register_task,
+    require_meta,
+)
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -291,20 +298,14 @@ class ReasoningSFT(Task):
 
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> ReasoningSFT:
-        missing = {"tokenizer", "model_config"} - set(meta)
-        if missing:
-            raise PipelineError(f"{where}: task.json meta lacks {', '.join(sorted(missing))}")
+        require_meta(meta, {"tokenizer", "model_config"}, where)
         return cls(from_dict(ReasoningConfig, config, where=where), meta=meta)
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         meta = self._meta
         lm = build_model(from_dict(ModelConfig, meta["model_config"], where=f"{where}: model_config"))
         state = {k.removeprefix("lm."): v for k, v in state.items()}
-        missing, unexpected = lm.load_state_dict(state, strict=False)
-        lost = [n for n in missing if not (n.endswith("lm_head.weight") and lm.config.tie_word_embeddings)]
-        if lost or unexpected:
-            raise PipelineError(f"{where}: checkpoint does not match the model "
-                                f"(missing {sorted(lost)[:5]}, unexpected {unexpected[:5]})")
+        load_checked(lm, state, f"{where}: checkpoint", tied=lm.config.tie_word_embeddings)
         lm.tie_weights()
         run_config = {**self.config_dict(), "task": self.kind, "tokenizer": meta["tokenizer"]}
         plain = DualModel(lm, DualConfig(variant="continued_pretraining", n_sites=1),

@@ -59,7 +59,14 @@ from pipeline.tasks.schema import load_examples
 from pipeline.train.config import ModelSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder
 from pipeline.train.dual_task import dual_flops, matmul_params
-from pipeline.train.task import BatchLayout, StepOutput, Task, register_task
+from pipeline.train.task import (
+    BatchLayout,
+    StepOutput,
+    Task,
+    load_checked,
+    register_task,
+    require_meta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +310,7 @@ class LatentSFT(Task):
 
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> LatentSFT:
-        missing = {"tokenizer", "model_config"} - set(meta)
-        if missing:
-            raise PipelineError(f"{where}: task.json meta lacks {', '.join(sorted(missing))}")
+        require_meta(meta, {"tokenizer", "model_config"}, where)
         return cls(from_dict(LatentConfig, config, where=where), meta=meta)
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
@@ -315,12 +320,7 @@ class LatentSFT(Task):
         torch.manual_seed(0)
         dual = DualModel(build_model(mc), self.dual_config, eos_id=meta["tokenizer"]["eos_id"])
         state = {k.removeprefix("dual."): v for k, v in state.items()}
-        missing, unexpected = dual.load_state_dict(state, strict=False)
-        tied = dual.base.config.tie_word_embeddings
-        lost = [n for n in missing if not (n.endswith("lm_head.weight") and tied)]
-        if lost or unexpected:
-            raise PipelineError(f"{where}: checkpoint does not match the model "
-                                f"(missing {sorted(lost)[:5]}, unexpected {unexpected[:5]})")
+        load_checked(dual, state, f"{where}: checkpoint", tied=dual.base.config.tie_word_embeddings)
         dual.base.tie_weights()
         if dual.coprocessor is not None:
             dual.coprocessor.tie_weights()

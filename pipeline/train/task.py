@@ -129,6 +129,24 @@ class Task(abc.ABC):
         """Write the export directory from the checkpoint's consolidated fp32 state dict."""
 
 
+def load_checked(module: nn.Module, state: dict[str, Tensor], what: str, *, tied: bool) -> None:
+    """`module.load_state_dict(state)` that accepts only a missing tied head (`*lm_head.weight`
+    when `tied`) and otherwise names what is missing or unexpected: a checkpoint or export that
+    does not match its recorded config is an error, never a partly random model."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    lost = [n for n in missing if not (tied and n.endswith("lm_head.weight"))]
+    if lost or unexpected:
+        raise PipelineError(f"{what} does not match the model (missing {sorted(lost)[:5]}, "
+                            f"unexpected {sorted(unexpected)[:5]})")
+
+
+def require_meta(meta: dict[str, Any], keys: set[str], where: str) -> None:
+    """A checkpoint's task.json meta must hold `keys` (what export rebuilds the model from)."""
+    missing = keys - set(meta)
+    if missing:
+        raise PipelineError(f"{where}: task.json meta lacks {', '.join(sorted(missing))}")
+
+
 TASKS: dict[str, type[Task]] = {}
 
 
