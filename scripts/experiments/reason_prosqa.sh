@@ -7,7 +7,7 @@
 #
 # Sizes: a 4-layer d=128 GPT-2 with a 512-piece sentencepiece tokenizer trained on the ProsQA-mini
 # training text (the GPT-2 vocabulary's head would cost ~10x the body at this size), batch 32,
-# lr 1e-3 (ds_configs/reason_cpu.json); curriculum c=2, one epoch per stage, max stage 2 (N_L=4).
+# lr 1e-3 (ds_configs/zero2_cpu_reason.json); curriculum c=2, one epoch per stage, max stage 2 (N_L=4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEED=${1:-0}; shift || true
@@ -18,7 +18,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 MODEL="model.overrides.n_layer=4 model.overrides.d_model=128 model.overrides.n_head=4 model.overrides.vocab_size=512 model.overrides.eos_token_id=2 model.overrides.max_position_embeddings=576"
 DATA="data.train_file=$T/prosqa-train.json data.valid_file=$T/prosqa-mini-valid.json data.tokenizer=$T/prosqa-spm.model data.max_len=256 data.seed=$((1234 + SEED))"
 CUR="curriculum.latents_per_step=2 curriculum.epochs_per_stage=1 curriculum.max_stage=2"
-run() { python launchers/pretrain.py --ds_config ds_configs/reason_cpu.json "$@" tracking.enabled=false; }
+run() { python launchers/pretrain.py --ds_config ds_configs/zero2_cpu_reason.json "$@" tracking.enabled=false; }
 for stage in $STAGES; do
   case $stage in
     data)
