@@ -25,6 +25,7 @@
 #   CA_CERTS      PEM file(s) to trust in the image (default the host's local CAs,
 #                 /usr/local/share/ca-certificates/*.crt: a TLS-inspecting proxy's)
 #   SHARED_DATA   the tests' shared data (default <repo>/../shared/data)
+#   WHEELS_PORT   port of that http server (default 18080)
 #   SSH_PORTS     the two sshd ports of check 4 (default "22222 22223")
 #   MASTER_PORT   rendezvous port of checks 3 and 4 (default 29561)
 set -euo pipefail
@@ -112,10 +113,15 @@ if [[ -n "${wheels}" && -d "${wheels}" ]]; then
   # The build reaches the wheels the way it would reach a site's mirror: over http. An
   # empty TORCH_INDEX_URL makes torch come from the regular index plus these links,
   # where the local +cpu build outranks the registry's CUDA build of the same version.
-  wheel_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  # A fixed port: build arguments are part of the layer cache key, so a new URL per run
+  # would rebuild every layer.
+  wheel_port="${WHEELS_PORT:-18080}"
   python3 -m http.server --bind 127.0.0.1 --directory "${wheels}" "${wheel_port}" \
     > "${work}/logs/wheels_http.log" 2>&1 &
   server_pid=$!
+  sleep 1
+  kill -0 "${server_pid}" 2> /dev/null ||
+    die "cannot serve ${wheels} on 127.0.0.1:${wheel_port} (set WHEELS_PORT); see ${work}/logs/wheels_http.log"
   trap 'kill "${server_pid}" 2> /dev/null || true; remove_containers' EXIT
   build_args+=(--build-arg TORCH_INDEX_URL= --build-arg "PIP_FIND_LINKS=http://127.0.0.1:${wheel_port}/")
 fi
