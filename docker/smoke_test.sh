@@ -39,7 +39,7 @@ read -r ssh_port0 ssh_port1 <<< "${SSH_PORTS:-22222 22223}"
 master_port="${MASTER_PORT:-29561}"
 app_uid=1000 # the image's user (Dockerfile.cpu USER_UID)
 nodes=(lp-smoke-node0 lp-smoke-node1)
-containers=(lp-smoke-quickstart lp-smoke-tests lp-smoke-stop "${nodes[@]}")
+containers=(lp-smoke-stop "${nodes[@]}")
 # A tiny preset for a few steps: the quickstart's shards, checkpoint at the end.
 train_args=(--config tiny-liu data.path=runs/default/data train.max_steps=4 train.log_every=1
   train.eval_every=1000 train.checkpoint_every=0)
@@ -149,44 +149,15 @@ runs="${work}/runs"
 rm -rf "${runs}"
 mkdir -p "${runs}"
 chown "${app_uid}:${app_uid}" "${runs}"
-on_host=(--network host -v "${runs}:/workspace/runs")
+test -d "${shared}" || die "the tests' shared data is not at ${shared} (set SHARED_DATA)"
+on_host=(--network host -v "${runs}:/workspace/runs"
+  -v "$(cd "${shared}" && pwd):/shared/data:ro" -e PIPELINE_SHARED_DATA=/shared/data)
 
-# --- 1: the quickstart ------------------------------------------------------------------
-quickstart() {
-  docker run --name lp-smoke-quickstart "${on_host[@]}" "${image}" # the image's CMD
-  local out="${runs}/default/liu/export"
-  grep -q "ppl of the k-th token after augmentation" "${work}/logs/quickstart.log"
-  grep -qE '^\| 1 \| [0-9.]+ ' "${work}/logs/quickstart.log" # the table's k=1 row
-  test -s "${out}/pipeline.json"
-  find "${out}" -name '*.safetensors' | grep .
-  # Written by the image's user, not root...
-  [[ "$(stat -c %u "${out}/pipeline.json")" == "${app_uid}" ]]
-  [[ "$(docker inspect -f '{{.Config.User}}' "${image}")" == pipeline ]]
-  # ...and nowhere in the image's code or virtualenv (caches under /tmp and ~ are fine).
-  echo "--- written outside the volume:"
-  docker diff lp-smoke-quickstart | tee "${work}/logs/quickstart.diff"
-  if grep -E '^[ACD] /(workspace|opt)(/|$)' "${work}/logs/quickstart.diff"; then
-    echo "the quickstart wrote into the image's code or virtualenv (above)"
-    return 1
-  fi
-}
-check quickstart quickstart
-
-# --- 2: the fast tests ------------------------------------------------------------------
-tests() {
-  test -d "${shared}" || {
-    echo "shared data not found at ${shared} (set SHARED_DATA)"
-    return 1
-  }
-  docker run --name lp-smoke-tests "${on_host[@]}" -v "$(cd "${shared}" && pwd):/shared/data:ro" \
-    -e PIPELINE_SHARED_DATA=/shared/data "${image}" \
-    python -m pytest -q -m "not slow" -p no:cacheprovider
-}
-check tests tests
-
-# --- 3 and 4: two containers, one rank each ---------------------------------------------
-# Both sshds trust one key pair (mounted, owned by the image's user); ~/.ssh/config.d
-# names the two nodes and their ports, as a cluster's DNS and port would.
+# The two "nodes": containers that idle until the checks exec into them, as a cluster's
+# job containers would. Both sshds trust one key pair (mounted, owned by the image's
+# user); ~/.ssh/config.d names the two nodes and their ports, as DNS would on a cluster.
+# (Few containers: under the vfs driver each start copies the whole image.)
+started=${SECONDS}
 ssh_dir="${work}/ssh"
 rm -rf "${ssh_dir}"
 mkdir -p "${ssh_dir}/config.d"
@@ -205,7 +176,45 @@ for i in 0 1; do
     -v "${ssh_dir}/hostfile:/job/hostfile:ro" \
     "${image}" sleep infinity > /dev/null
 done
+say "containers ${nodes[*]}: started ($((SECONDS - started)) s)"
+# Check 5's container, created (the slow part) while the other checks run: a 2-rank job
+# that would train for a long time, started through the image's entrypoint (PID 1).
+docker create --name lp-smoke-stop "${on_host[@]}" "${image}" \
+  deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu.json \
+  "${train_args[@]}" train.max_steps=100000 train.output_dir=runs/smoke/stop \
+  > "${work}/logs/stop.create.log" 2>&1 &
+create_pid=$!
 
+# --- 1: the quickstart ------------------------------------------------------------------
+quickstart() {
+  # The image's default command, as its user (exec runs as the image's USER).
+  [[ "$(docker inspect -f '{{json .Config.Cmd}}' "${image}")" == '["bash","scripts/quickstart.sh"]' ]]
+  docker exec "${nodes[0]}" bash scripts/quickstart.sh
+  local out="${runs}/default/liu/export"
+  grep -q "ppl of the k-th token after augmentation" "${work}/logs/quickstart.log"
+  grep -qE '^\| 1 \| [0-9.]+ ' "${work}/logs/quickstart.log" # the table's k=1 row
+  test -s "${out}/pipeline.json"
+  find "${out}" -name '*.safetensors' | grep .
+  # Written by the image's user, not root...
+  [[ "$(stat -c %u "${out}/pipeline.json")" == "${app_uid}" ]]
+  [[ "$(docker inspect -f '{{.Config.User}}' "${image}")" == pipeline ]]
+  # ...and nowhere in the image's code or virtualenv (caches under /tmp and ~ are fine).
+  echo "--- written outside the volumes:"
+  docker diff "${nodes[0]}" | tee "${work}/logs/quickstart.diff"
+  if grep -E '^[ACD] /(workspace|opt)(/|$)' "${work}/logs/quickstart.diff"; then
+    echo "the quickstart wrote into the image's code or virtualenv (above)"
+    return 1
+  fi
+}
+check quickstart quickstart
+
+# --- 2: the fast tests ------------------------------------------------------------------
+tests() {
+  docker exec "${nodes[0]}" python -m pytest -q -m "not slow" -p no:cacheprovider
+}
+check tests tests
+
+# --- 3 and 4: the two containers, one rank each -------------------------------------------
 # Rank 0 wrote the model states, each rank its ZeRO-2 optimizer partition, at the end.
 checkpoint_written() {
   local dir="${runs}/smoke/$1/checkpoints/step4"
@@ -247,13 +256,11 @@ hostfile() {
   checkpoint_written hostfile
 }
 check hostfile hostfile
-docker rm -f "${nodes[@]}" > /dev/null
+docker rm -f "${nodes[@]}" > /dev/null 2>&1 &
 
 # --- 5: docker stop checkpoints -----------------------------------------------------------
 stop() {
-  docker run -d --name lp-smoke-stop "${on_host[@]}" "${image}" \
-    deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu.json \
-    "${train_args[@]}" train.max_steps=100000 train.output_dir=runs/smoke/stop > /dev/null
+  docker start lp-smoke-stop
   local waited=0
   until docker logs lp-smoke-stop 2>&1 | grep -c "MLflow run" > /dev/null; do # training began
     ((waited++ < 180)) || return 1
@@ -270,6 +277,7 @@ stop() {
   [[ -n "${step}" ]]
   test -s "$(dirname "${step}")/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 }
+wait "${create_pid}" || die "could not create lp-smoke-stop; see ${work}/logs/stop.create.log"
 check stop stop
 
 say "all checks passed (${SECONDS} s in all; logs in ${work}/logs)"
