@@ -266,7 +266,7 @@ stop() {
     ((waited++ < 180)) || return 1
     sleep 1
   done
-  sleep 5
+  sleep 10 # past the tracker's start: the stop handler is installed right after it
   docker stop -t 120 lp-smoke-stop
   docker logs lp-smoke-stop 2>&1
   echo "exit code: $(docker inspect -f '{{.State.ExitCode}}' lp-smoke-stop)"
