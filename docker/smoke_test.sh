@@ -38,6 +38,8 @@ shared="${SHARED_DATA:-${repo}/../shared/data}"
 read -r ssh_port0 ssh_port1 <<< "${SSH_PORTS:-22222 22223}"
 master_port="${MASTER_PORT:-29561}"
 app_uid=1000 # the image's user (Dockerfile.cpu USER_UID)
+# A rank whose peer died waits for torch's rendezvous timeout (30 min): fail sooner.
+job_timeout=900
 nodes=(lp-smoke-node0 lp-smoke-node1)
 containers=(lp-smoke-stop "${nodes[@]}")
 # A tiny preset for a few steps: the quickstart's shards, checkpoint at the end.
@@ -227,7 +229,7 @@ checkpoint_written() {
 nossh() {
   local pids=() rank status=0
   for rank in 0 1; do
-    docker exec "${nodes[rank]}" docker/launch_nossh.sh --num_nodes 2 --node_rank "${rank}" \
+    timeout "${job_timeout}" docker exec "${nodes[rank]}" docker/launch_nossh.sh --num_nodes 2 --node_rank "${rank}" \
       --gpus_per_node 1 --master_addr 127.0.0.1 --master_port "${master_port}" \
       --ds_config ds_configs/zero2_cpu.json -- "${train_args[@]}" train.output_dir=runs/smoke/nossh \
       > "${work}/logs/nossh.rank${rank}.log" 2>&1 &
@@ -250,7 +252,7 @@ hostfile() {
   docker exec "${nodes[0]}" ssh node-0 hostname
   docker exec "${nodes[0]}" ssh node-1 hostname
   # SSH_PORT emptied: the ports differ per node and come from ~/.ssh/config.d instead.
-  docker exec -e SSH_PORT= "${nodes[0]}" docker/launch_hostfile.sh --master_addr 127.0.0.1 \
+  timeout "${job_timeout}" docker exec -e SSH_PORT= "${nodes[0]}" docker/launch_hostfile.sh --master_addr 127.0.0.1 \
     --master_port "${master_port}" --ds_config ds_configs/zero2_cpu.json \
     -- "${train_args[@]}" train.output_dir=runs/smoke/hostfile
   checkpoint_written hostfile
