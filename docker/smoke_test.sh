@@ -158,6 +158,8 @@ on_host=(--network host -v "${runs}:/workspace/runs"
 # The two "nodes": containers that idle until the checks exec into them, as a cluster's
 # job containers would. Both sshds trust one key pair (mounted, owned by the image's
 # user); ~/.ssh/config.d names the two nodes and their ports, as DNS would on a cluster.
+# The hostfile is not at DeepSpeed's default /job/hostfile: there, every plain `deepspeed`
+# in these containers (the quickstart's too) would launch on both nodes.
 # (Few containers: under the vfs driver each start copies the whole image.)
 started=${SECONDS}
 ssh_dir="${work}/ssh"
@@ -175,7 +177,7 @@ for i in 0 1; do
     -v "${ssh_dir}/id_ed25519:/home/pipeline/.ssh/id_ed25519:ro" \
     -v "${ssh_dir}/id_ed25519.pub:/home/pipeline/.ssh/id_ed25519.pub:ro" \
     -v "${ssh_dir}/config.d:/home/pipeline/.ssh/config.d:ro" \
-    -v "${ssh_dir}/hostfile:/job/hostfile:ro" \
+    -v "${ssh_dir}/hostfile:/home/pipeline/hostfile:ro" \
     "${image}" sleep infinity > /dev/null
 done
 say "containers ${nodes[*]}: started ($((SECONDS - started)) s)"
@@ -252,7 +254,8 @@ hostfile() {
   docker exec "${nodes[0]}" ssh node-0 hostname
   docker exec "${nodes[0]}" ssh node-1 hostname
   # SSH_PORT emptied: the ports differ per node and come from ~/.ssh/config.d instead.
-  timeout "${job_timeout}" docker exec -e SSH_PORT= "${nodes[0]}" docker/launch_hostfile.sh --master_addr 127.0.0.1 \
+  timeout "${job_timeout}" docker exec -e SSH_PORT= "${nodes[0]}" docker/launch_hostfile.sh \
+    --hostfile /home/pipeline/hostfile --master_addr 127.0.0.1 \
     --master_port "${master_port}" --ds_config ds_configs/zero2_cpu.json \
     -- "${train_args[@]}" train.output_dir=runs/smoke/hostfile
   checkpoint_written hostfile
