@@ -152,7 +152,9 @@ rm -rf "${runs}"
 mkdir -p "${runs}"
 chown "${app_uid}:${app_uid}" "${runs}"
 test -d "${shared}" || die "the tests' shared data is not at ${shared} (set SHARED_DATA)"
-on_host=(--network host -v "${runs}:/workspace/runs"
+# --shm-size: DeepSpeed's CPU shared-memory collectives and DataLoader workers live in
+# /dev/shm, and Docker's 64 MB default fails the tests with "No space left on device".
+on_host=(--network host --shm-size=2g -v "${runs}:/workspace/runs"
   -v "$(cd "${shared}" && pwd):/shared/data:ro" -e PIPELINE_SHARED_DATA=/shared/data)
 
 # The two "nodes": containers that idle until the checks exec into them, as a cluster's
