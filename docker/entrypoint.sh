@@ -16,5 +16,7 @@ if [[ "${START_SSHD:-0}" == "1" ]]; then
   "${here}/start_sshd.sh"
 fi
 
-# exec: the command becomes the process that receives `docker stop`'s SIGTERM.
-exec "$@"
+# Not a plain `exec "$@"`: `docker stop` signals PID 1 only, and the deepspeed runner
+# neither handles SIGTERM as PID 1 nor passes it to its ranks. forward_signals.py signals
+# the command's whole process group, so every rank checkpoints, and waits for them.
+exec python "${here}/forward_signals.py" "$@"

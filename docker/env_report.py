@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         help="fail unless DIST is installed at VERSION (a +local label is ignored)",
     )
     p.add_argument(
-        "--expect-cuda", metavar="MAJOR.MINOR", help="fail unless torch is this CUDA build"
+        "--expect-cuda",
+        metavar="MAJOR.MINOR",
+        help="fail unless torch is this CUDA build ('none': the CPU build)",
     )
     p.add_argument(
         "--require-op",
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.expect_cuda:
         import torch
 
-        if torch.version.cuda is None or not torch.version.cuda.startswith(args.expect_cuda):
+        if args.expect_cuda == "none":
+            if torch.version.cuda is not None:
+                problems.append(f"torch is a CUDA {torch.version.cuda} build, expected the CPU build")
+        elif torch.version.cuda is None or not torch.version.cuda.startswith(args.expect_cuda):
             problems.append(f"torch CUDA build {torch.version.cuda}, expected {args.expect_cuda}")
 
     try:

@@ -34,7 +34,7 @@ chmod 600 "${authorized}"
 
 # pdsh's remote shell is non-interactive and does not see the image's ENV (PATH with
 # the virtualenv, CUDA paths); sshd hands these to every session instead.
-env | grep -E '^(PATH|LD_LIBRARY_PATH|CUDA_HOME|VIRTUAL_ENV|NVIDIA_[A-Z_]+|HF_HOME)=' \
+env | grep -E '^(PATH|LD_LIBRARY_PATH|CUDA_HOME|VIRTUAL_ENV|NVIDIA_[A-Z_]+|HF_HOME|DS_ACCELERATOR|PYTHONUNBUFFERED|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|PIP_CERT)=' \
   > "${HOME}/.ssh/environment" || true
 
 cat > "${state}/sshd_config" <<CONFIG
@@ -51,7 +51,11 @@ CONFIG
 
 # Client side, for the runner on the head node: containers get fresh host keys on
 # every start, so pinning them would only break relaunches inside a private network.
+# Per-host settings (another port, an address for a hostfile name) go in
+# ~/.ssh/config.d/*.conf, mounted or written before this runs; ssh takes the first value
+# it reads for each option, so they come before the defaults.
 cat > "${HOME}/.ssh/config" <<CONFIG
+Include config.d/*.conf
 Host *
   Port ${port}
   StrictHostKeyChecking no

@@ -51,6 +51,19 @@ def store_problem(uri: str) -> str | None:
     return None
 
 
+def _ensure_experiment(client, uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. In a local sqlite store, artifacts go
+    beside the database: MLflow's default for a database store is `./mlruns` of whatever
+    the working directory is (the checkout, or the code directory of a container image)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 class Tracker:
     """Rank-0 metrics: always `metrics.jsonl`, and MLflow while it answers."""
 
@@ -76,6 +89,7 @@ class Tracker:
 
             self._mlflow = mlflow
             mlflow.set_tracking_uri(uri)
+            _ensure_experiment(mlflow.tracking.MlflowClient(uri), uri, cfg.experiment)
             mlflow.set_experiment(cfg.experiment)
             tags = {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else None
             self.run = mlflow.start_run(run_name=cfg.run_name or None, tags=tags)
@@ -149,8 +163,7 @@ def start_parent_run(uri: str, experiment: str, name: str, params: dict[str, Any
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        exp_id = _ensure_experiment(client, uri, experiment)
         run = client.create_run(exp_id, run_name=name)
         flat = _flatten(params)
         for key, value in flat.items():

@@ -36,9 +36,14 @@ def _run(*cmd: str | Path) -> subprocess.CompletedProcess:
 def dockerfile_args(path: Path) -> dict[str, str]:
     """Default values of the ARG instructions (first definition wins, as in a stage)."""
     args: dict[str, str] = {}
-    for name, value in re.findall(r"^ARG (\w+)=(\S+)", path.read_text(), re.M):
+    for name, value in re.findall(r"^ARG (\w+)=(\S*)", path.read_text(), re.M):
         args.setdefault(name, value.strip('"'))
     return args
+
+
+def expand(value: str, args: dict[str, str]) -> str:
+    """`${NAME}` references in an ARG default, resolved from the other defaults."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: expand(args[m.group(1)], args), value)
 
 
 def setup_py() -> tuple[dict[str, str], dict[str, Requirement]]:
@@ -137,8 +142,8 @@ def test_image_pins_match_setup_py(dockerfile):
     # torch from a PyTorch wheel index, before the project install that would otherwise
     # pull the registry's default build; the project install then keeps setup.py's pins.
     torch_at = text.index('"torch==${TORCH_VERSION}"')
-    assert "--index-url" in text[text.rindex("RUN", 0, torch_at) : torch_at]
-    project_at = re.search(r"^RUN pip install (\.|-e \"\.\[dev\]\")", text, re.M).start()
+    assert '--index-url "${TORCH_INDEX_URL' in text[text.rindex("RUN", 0, torch_at) : torch_at]
+    project_at = re.search(r'^RUN pip install (\.|"/workspace\[dev\]")', text, re.M).start()
     assert torch_at < project_at
     # The build verifies what it installed, so a wrong wheel fails the build, not a job.
     assert '--expect "megatron-core==${MEGATRON_CORE_VERSION}"' in text
@@ -149,10 +154,12 @@ def test_gpu_image_cuda_versions_agree():
     args = dockerfile_args(DOCKER / "Dockerfile")
     major, minor = args["CUDA_VERSION"].split(".")[:2]
     assert args["TORCH_CUDA_INDEX"] == f"cu{major}{minor}"
-    assert "https://download.pytorch.org/whl/${TORCH_CUDA_INDEX}" in text
-    froms = re.findall(r"^FROM (\S+)", text, re.M)
-    assert len(froms) == 2 and all(f.startswith("nvidia/cuda:${CUDA_VERSION}-") for f in froms)
-    assert "devel" in froms[0], "the build stage needs nvcc to compile DeepSpeed's ops"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_CUDA_INDEX}"
+    froms = [expand(f, args) for f in re.findall(r"^FROM (\S+)", text, re.M)]
+    assert len(froms) == 2
+    assert all(f.startswith(f"nvidia/cuda:{args['CUDA_VERSION']}-") for f in froms)
+    assert "-devel-" in froms[0], "the build stage needs nvcc to compile DeepSpeed's ops"
+    assert froms[1].endswith(f"-runtime-ubuntu{args['UBUNTU_VERSION']}")
     assert '--expect-cuda "$(echo "${CUDA_VERSION}" | cut -d. -f1-2)"' in text
 
 
@@ -175,7 +182,7 @@ def test_gpu_image_runtime_pieces():
     text = (DOCKER / "Dockerfile").read_text()
     # apex only from NVIDIA's sources, optional, never the unrelated PyPI "apex".
     assert dockerfile_args(DOCKER / "Dockerfile")["INSTALL_APEX"] == "0"
-    assert "github.com/NVIDIA/apex" in text
+    assert dockerfile_args(DOCKER / "Dockerfile")["APEX_REPO"] == "https://github.com/NVIDIA/apex"
     assert not re.search(r"pip install[^\n]*\s[\"']?apex\b", text)
     runtime = text[text.index("AS runtime") :]
     for package in ("pdsh", "openssh-server", "openssh-client"):
@@ -194,7 +201,62 @@ def test_images_run_as_a_non_root_user_and_copy_existing_paths(dockerfile):
             continue
         for source in parts[:-1]:
             assert (REPO / source).exists(), f"{dockerfile.name}: COPY source {source} missing"
-    assert (REPO / f"docker/{dockerfile.name}.dockerignore").is_file()
+
+
+def test_dockerignore_lets_through_exactly_what_the_images_copy():
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "an allow-list: local data, runs and caches never reach the builder"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    for dockerfile in DOCKERFILES:
+        for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M):
+            sources = [p for p in line.split() if not p.startswith("--")][:-1]
+            for source in sources:
+                top = source.rstrip("/").split("/")[0]
+                assert top == "." or top in allowed, f"{dockerfile.name} copies {source}"
+    # What `COPY . .` brings: every top-level part of the project a container needs.
+    assert {"pipeline", "data_prep", "launchers", "ds_configs", "scripts", "docker"} <= allowed
+    assert all((REPO / name).exists() for name in allowed)
+
+
+# --- air-gapped builds ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_air_gapped_build_arguments(dockerfile):
+    text = dockerfile.read_text()
+    # A "# syntax=" line makes BuildKit pull its frontend from a registry first.
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I)
+    # pip's own variables, declared without a value: absent from every RUN unless given.
+    for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_TRUSTED_HOST"):
+        assert re.search(rf"^ARG {name}$", text, re.M), name
+    # Extra CA certificates: no value by default, installed only when given, and every
+    # TLS client (pip, requests, Python's ssl) then reads the system store.
+    assert re.search(r"^ARG EXTRA_CA_CERTS$", text, re.M)
+    assert 'if [ -n "${EXTRA_CA_CERTS:-}" ]' in text and "update-ca-certificates" in text
+    for name in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"):
+        assert f"{name}=/etc/ssl/certs/ca-certificates.crt" in text
+    # Base images come from build arguments whose defaults are the public images.
+    args = dockerfile_args(dockerfile)
+    for base in re.findall(r"^FROM \$\{(\w+)\}", text, re.M):
+        assert "/" in expand(args[base], args) or ":" in expand(args[base], args)
+    assert "TORCH_INDEX_URL" in args
+
+
+def test_cpu_image_takes_python_from_apt_on_a_bare_debian_base():
+    text = (DOCKER / "Dockerfile.cpu").read_text()
+    args = dockerfile_args(DOCKER / "Dockerfile.cpu")
+    assert expand(args["BASE_IMAGE"], args) == "python:3.11-slim-bookworm"
+    assert "if ! command -v python3" in text and "python3-venv" in text
+    # The build fails on a CUDA torch wheel (GBs of CUDA libraries in a CPU image).
+    assert "--expect-cuda none" in text
+    # Dependencies before code: an edit to the code does not reinstall them.
+    deps_at = text.index('RUN pip install "/workspace[dev]"')
+    assert text.index("COPY --chown=${APP_USER}:${APP_USER} . .") > deps_at
+    assert "pip install --no-deps -e" in text[deps_at:]
 
 
 # --- compose ----------------------------------------------------------------------
@@ -214,6 +276,9 @@ def test_compose_file_wires_mlflow_and_training():
     assert (
         any(v.startswith("mlflow:") for v in mlflow["volumes"]) and "mlflow" in compose["volumes"]
     )
+    # No authentication and artifact serving: published on the host's loopback only,
+    # unless MLFLOW_BIND says otherwise (docker/README.md, "Exposing MLflow").
+    assert mlflow["ports"] == ["${MLFLOW_BIND:-127.0.0.1}:${MLFLOW_PORT:-5000}:" + port]
 
     for name in ("train", "train-cpu"):
         train = services[name]
@@ -223,6 +288,8 @@ def test_compose_file_wires_mlflow_and_training():
         assert {"/data", "/checkpoints"} <= targets
         dockerfile = (DOCKER / train["build"]["context"] / train["build"]["dockerfile"]).resolve()
         assert dockerfile in DOCKERFILES
+        # `docker compose stop` must leave the ranks time to checkpoint (default 10 s).
+        assert train["stop_grace_period"] == "5m"
     gpus = services["train"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpus["driver"] == "nvidia" and "gpu" in gpus["capabilities"]
     assert services["train"]["command"][:2] == ["deepspeed", "launchers/pretrain.py"]
