@@ -49,7 +49,13 @@ from pipeline.flops import attention_flops, causal_pairs, matmul_flops
 from pipeline.models import ModelConfig, build_model
 from pipeline.models.generate import right_pad
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
-from pipeline.tasks.finetune import build_lm, copy_tokenizer, file_identity, tokenizer_path
+from pipeline.tasks.finetune import (
+    ExampleData,
+    build_lm,
+    copy_tokenizer,
+    examples_meta,
+    tokenizer_path,
+)
 from pipeline.tasks.schema import load_examples
 from pipeline.train.config import ModelSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder
@@ -69,22 +75,10 @@ MARKERS = 2
 
 
 @dataclasses.dataclass
-class CoconutData:
-    train_file: str = ""
-    """Task file to train on (`python -m data_prep tasks ... --output F.json`)."""
-    valid_file: str = ""
-    """Task file whose loss (at the current stage) is the validation loss."""
-    tokenizer: str = ""
-    """Hugging Face dir / tokenizer.json / sentencepiece .model; "" = the shared GPT-2 tokenizer."""
-    max_len: int = 512
-    """Longest sequence (question + <bot> + thoughts + <eot> + rest + EOS) at any stage; longer
-    examples are skipped and counted."""
-    seed: int = 1234
-    """Seeds the example order and a fresh model's init."""
+class CoconutData(ExampleData):
+    """`data:` of a Coconut run; max_len counts question + <bot> + thoughts + <eot> + rest + EOS."""
 
-    def __post_init__(self) -> None:
-        if self.max_len < 4:
-            raise PipelineError(f"data.max_len={self.max_len}: must be >= 4")
+    MIN_LEN = 4
 
 
 @dataclasses.dataclass
@@ -242,10 +236,8 @@ class CoconutTask(Task):
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_meta(self) -> dict[str, Any]:
         if self._meta is None:
-            d = self.config.data
-            data = {role: {**file_identity(f), "examples": len(rows), "skipped_too_long": rows.too_long}
-                    for role, f, rows in (("train", d.train_file, self.train_rows),
-                                          ("valid", d.valid_file, self.valid_rows))}
+            data = examples_meta(self.config.data, {"train": (len(self.train_rows), self.train_rows.too_long),
+                                                     "valid": (len(self.valid_rows), self.valid_rows.too_long)})
             self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.model.lm.config),
                           "data": data}
         return self._meta

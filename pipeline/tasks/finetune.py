@@ -74,23 +74,40 @@ IGNORE = -100
 
 
 @dataclasses.dataclass
-class ReasoningData:
+class ExampleData:
+    """The `data:` section every task-file fine-tune shares (CoT/no-CoT, latent curriculum, Coconut)."""
+
     train_file: str = ""
     """Task file to train on (`python -m data_prep tasks ... --output F.json`)."""
     valid_file: str = ""
     """Task file whose loss is the validation loss (its first `train.eval_sequences` examples)."""
     tokenizer: str = ""
     """Hugging Face dir / tokenizer.json / sentencepiece .model; "" = the shared GPT-2 tokenizer."""
-    cot: bool = True
-    """Target = steps + "### answer" (CoT) or "### answer" alone (no-CoT)."""
     max_len: int = 512
-    """Longest sequence (prompt + target + EOS) trained on; longer examples are skipped and counted."""
+    """Longest sequence an example needs (prompt, latents or markers, target, EOS) at any stage;
+    longer examples are skipped and counted."""
     seed: int = 1234
     """Seeds the example order and a fresh model's init."""
 
+    MIN_LEN = 2
+
     def __post_init__(self) -> None:
-        if self.max_len < 2:
-            raise PipelineError(f"data.max_len={self.max_len}: must be >= 2")
+        if self.max_len < self.MIN_LEN:
+            raise PipelineError(f"data.max_len={self.max_len}: must be >= {self.MIN_LEN}")
+
+
+@dataclasses.dataclass
+class ReasoningData(ExampleData):
+    cot: bool = True
+    """Target = steps + "### answer" (CoT) or "### answer" alone (no-CoT)."""
+
+
+def examples_meta(data: ExampleData, counts: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """What a checkpoint records of its task files: per role (train, valid) the file's path and
+    sha256, the examples kept and those skipped as too long (`counts[role]`)."""
+    files = {"train": data.train_file, "valid": data.valid_file}
+    return {role: {**file_identity(files[role]), "examples": kept, "skipped_too_long": skipped}
+            for role, (kept, skipped) in counts.items()}
 
 
 @dataclasses.dataclass
@@ -285,9 +302,8 @@ class ReasoningSFT(Task):
         return {"data": meta["data"], "tokenizer": meta["tokenizer"]}
 
     def _data_meta(self) -> dict[str, Any]:
-        d = self.config.data
-        return {role: {**file_identity(f), "examples": len(rows), "skipped_too_long": rows.too_long}
-                for role, f, rows in (("train", d.train_file, self.train_rows), ("valid", d.valid_file, self.valid_rows))}
+        return examples_meta(self.config.data, {"train": (len(self.train_rows), self.train_rows.too_long),
+                                                "valid": (len(self.valid_rows), self.valid_rows.too_long)})
 
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -49,16 +49,17 @@ from pipeline.errors import PipelineError
 from pipeline.models import CausalLM, ModelConfig, build_model
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
 from pipeline.tasks.finetune import (
-    ReasoningData,
+    ExampleData,
     build_lm,
     copy_tokenizer,
-    file_identity,
+    examples_meta,
     tokenizer_path,
 )
 from pipeline.tasks.schema import load_examples
 from pipeline.train.config import ModelSection, TrackingSection, TrainSection
 from pipeline.train.data import BatchOrder
 from pipeline.train.dual_task import dual_flops, matmul_params
+from pipeline.train.optimizer_state import reset_optimizer_moments
 from pipeline.train.task import (
     BatchLayout,
     StepOutput,
@@ -76,11 +77,11 @@ class LatentConfig:
     """The pipeline config of a `latent_sft` run (a preset says `task: latent_sft`).
 
     `dual.n_latents`, `n_ahead` and `n_sites` are set by the task (the curriculum's final
-    count, the examples' lengths, one site per example); `data.cot` is unused (the
-    curriculum decides which steps remain)."""
+    count, the examples' lengths, one site per example); the curriculum decides which steps
+    remain."""
 
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    data: ReasoningData = dataclasses.field(default_factory=ReasoningData)
+    data: ExampleData = dataclasses.field(default_factory=ExampleData)
     dual: DualConfig = dataclasses.field(default_factory=lambda: DualConfig(variant="h2"))
     curriculum: CurriculumConfig = dataclasses.field(default_factory=CurriculumConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
@@ -241,7 +242,7 @@ class LatentSFT(Task):
         if step == 0 or stage != self.stage_at(step - 1):
             log.info("step %d: curriculum stage %d (%d latents)", step, stage, self.curriculum.n_latents(stage))
             if step > 0 and self.config.curriculum.reset_optimizer:
-                n = reset_optimizer_state(engine)
+                n = reset_optimizer_moments(engine)
                 log.info("optimizer moments reset for stage %d (%d parameter states cleared)", stage, n)
         self.stage = stage
 
@@ -300,10 +301,8 @@ class LatentSFT(Task):
     # ------------------------------------------------------------------ checkpoints and export
     def checkpoint_meta(self) -> dict[str, Any]:
         if self._meta is None:
-            d = self.config.data
-            data = {role: {**file_identity(f), "examples": len(self.examples[role]),
-                           "skipped_too_long": self.skipped[role]}
-                    for role, f in (("train", d.train_file), ("valid", d.valid_file))}
+            data = examples_meta(self.config.data, {role: (len(self.examples[role]), self.skipped[role])
+                                                    for role in ("train", "valid")})
             self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.dual.base.config),
                           "data": data}
         return self._meta
@@ -328,18 +327,3 @@ class LatentSFT(Task):
                       "curriculum": self.curriculum.describe()}
         export_dual(dual, out_dir, run_config=run_config)
         copy_tokenizer(meta["tokenizer"], out_dir / "base")
-
-
-def reset_optimizer_state(engine: Any) -> int:
-    """Clear the moments of the torch optimizer under a DeepSpeed engine (ZeRO wraps it as
-    `.optimizer`); torch's Adam(W) and DeepSpeed's fused/CPU Adam re-create them on the next step.
-    Returns how many parameter states were cleared."""
-    opt = engine.optimizer
-    while not isinstance(opt, torch.optim.Optimizer):
-        if not hasattr(opt, "optimizer"):
-            raise PipelineError(f"cannot find a torch optimizer under {type(engine.optimizer).__name__} "
-                                "to reset (set curriculum.reset_optimizer=false)")
-        opt = opt.optimizer
-    n = len(opt.state)
-    opt.state.clear()
-    return n

@@ -161,7 +161,6 @@ def latent_config(train_file: Path, out: Path, variant: str, **curriculum) -> La
 
 def latent_ranks(out: str, train_file: str, reset: bool) -> dict:
     """6 steps of liu curriculum fine-tuning (8 examples, global batch 4: a stage per 2 steps)."""
-    from pipeline.tasks.latent import reset_optimizer_state  # noqa: F401 - the path under test
     from pipeline.train.trainer import train
 
     ds = json.loads((ROOT / "ds_configs" / "zero2_cpu.json").read_text())
