@@ -17,7 +17,6 @@ import os
 import socket
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -98,25 +97,3 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2, bac
         raise RuntimeError("distributed run failed on " + "\n".join(failures))
     return [results[r] for r in range(world_size)]
 
-
-def repeated_gsm8k_shards(root: Path, shared_data: Path, copies: int) -> Path:
-    """Shards of `copies` documents cycling over 8 GSM8K questions+answers ("Copy i." keeps them
-    distinct, so the hashed split puts copies on both sides), tokenized by a 512-piece
-    sentencepiece trained on them: a tiny model's loss visibly falls within a few dozen steps."""
-    import json
-
-    from data_prep.cli import main
-
-    rows = [json.loads(x) for x in (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:8]]
-    docs = [f"Copy {i}. {rows[i % 8]['question']}\n{rows[i % 8]['answer']}" for i in range(copies)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = root / "spm"
-    if main(["tokenizer", "train", "--input", str(corpus), "--output", str(tok), "--vocab-size", "512",
-             "--workers", "1"]) not in (0, None):
-        raise RuntimeError("tokenizer training failed")
-    out = root / "shards"
-    if main(["build", "--input", str(corpus), "--tokenizer", f"{tok}.model", "--output", str(out),
-             "--val-fraction", "0.2", "--workers", "1"]) not in (0, None):
-        raise RuntimeError("data-prep build failed")
-    return out

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.testing import repeated_gsm8k_shards
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,6 +18,6 @@ def cpu_ds(**changes) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ltm_data(tmp_path_factory, shared_data) -> Path:
+def ltm_data(tmp_path_factory, repeated_gsm8k_shards) -> Path:
     """Shards of 8 GSM8K questions+answers repeated 30 times, a 512-piece sentencepiece."""
-    return repeated_gsm8k_shards(tmp_path_factory.mktemp("ltm_data"), shared_data, copies=240)
+    return repeated_gsm8k_shards(tmp_path_factory.mktemp("ltm_data"), copies=240)

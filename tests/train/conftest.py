@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.testing import repeated_gsm8k_shards
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -23,7 +21,7 @@ def cpu_ds_config(name: str = "zero2_cpu", **changes) -> dict:
 
 
 @pytest.fixture(scope="session")
-def corpus_dir(tmp_path_factory, shared_data) -> Path:
+def corpus_dir(tmp_path_factory, repeated_gsm8k_shards) -> Path:
     """Shards of 8 GSM8K questions+answers repeated 40 times (a 512-piece sentencepiece),
     so a tiny model's loss visibly falls within a few dozen steps."""
-    return repeated_gsm8k_shards(tmp_path_factory.mktemp("train_data"), shared_data, copies=320)
+    return repeated_gsm8k_shards(tmp_path_factory.mktemp("train_data"), copies=320)
