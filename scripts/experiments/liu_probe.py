@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--nl", type=int, default=4)
     ap.add_argument("--lm-loss-weight", type=float, default=0.0)
+    ap.add_argument("--coprocessor-input", default="kv_cache", choices=["kv_cache", "last_hidden"])
     ap.add_argument("--draft-weight", type=float, default=0.0)
     ap.add_argument("--slot-input", default="soft", choices=["soft", "site"])
     ap.add_argument("--readout", default="hidden", choices=["hidden", "actnorm", "vocab"])
@@ -96,7 +97,7 @@ def main() -> None:
     m = load_manifest(args.data)
     train, val = PackedSequences(m, "train", 64), PackedSequences(m, "validation", 64)
     cfg = DualConfig(variant=args.variant, n_latents=args.nl, n_ahead=4, n_sites=8, decode_reread=True,
-                     lm_loss_weight=args.lm_loss_weight)
+                     lm_loss_weight=args.lm_loss_weight, coprocessor_input=args.coprocessor_input)
     ProbedDual.slot_input, ProbedDual.readout = args.slot_input, args.readout
     dual = ProbedDual(from_pretrained(args.base), cfg, eos_id=m.eos_id)
     order = BatchOrder(len(train), 1234, 8, 1, 1)
