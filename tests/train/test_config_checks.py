@@ -81,3 +81,28 @@ def test_seq_len_beyond_a_model_path_s_positions_is_a_config_error(tmp_path):
     with pytest.raises(PipelineError, match=r"data.seq_len=256 exceeds the max_position_embeddings=128 of .*base"):
         load_config("tiny-liu", [f"model.path={tmp_path}", "data.seq_len=256"])
     assert load_config("tiny-liu", [f"model.path={tmp_path}", "data.seq_len=128"]).data.seq_len == 128
+
+
+def test_every_paper_size_reasoning_preset_has_its_qwen3_twin():
+    """Paper 000 Table 2 runs GPT-2 124M and Qwen3-0.6B: each reason-<task>-<system>-gpt2-124m
+    preset has a -qwen3-0.6b twin with the same task kind, variant, curriculum and data, on a
+    Qwen3-0.6B model (its own preset, or the Qwen CoT export it starts from)."""
+    import dataclasses
+
+    from pipeline.train.configs import load_task_config
+
+    gpt2 = sorted(p.stem for p in (ROOT / "pipeline" / "presets").glob("reason-*-gpt2-124m.yaml"))
+    assert len(gpt2) == 24  # 3 tasks x (cot, nocot, 5 dual variants, coconut)
+    for name in gpt2:
+        kind_g, g = load_task_config(name)
+        kind_q, q = load_task_config(name.replace("gpt2-124m", "qwen3-0.6b"))
+        assert kind_q == kind_g, name
+        for section in ("curriculum", "dual"):
+            if hasattr(g, section):
+                assert dataclasses.asdict(getattr(q, section)) == dataclasses.asdict(getattr(g, section)), name
+        assert q.data.train_file == g.data.train_file and q.data.max_len == g.data.max_len, name
+        if g.model.path:  # starts from the same-size CoT export
+            assert q.model.path == g.model.path.replace("gpt2-124m", "qwen3-0.6b"), name
+        else:
+            assert (g.model.preset, q.model.preset) == ("gpt2-124m", "qwen3-0.6b"), name
+        assert q.model.activation_checkpointing, name
