@@ -25,13 +25,7 @@ for stage in $STAGES; do
       python -m data_prep tasks countdown --split train --operands 3 --n 16384 --output $T/countdown3-train.json
       python -m data_prep tasks countdown --split eval --operands 3 --n 256 --seed 1 --output $T/countdown3-valid.json
       python -m data_prep tasks countdown --split eval --operands 3 --n 512 --seed 0 --output $T/countdown3-heldout.json
-      python - <<'PY'
-import json
-from pipeline.tasks.format import prompt_text, target_text
-with open("runs/tasks/countdown3-train-text.jsonl", "w") as f:
-    for e in json.load(open("runs/tasks/countdown3-train.json")):
-        f.write(json.dumps({"text": prompt_text(e) + target_text(e, True)}) + "\n")
-PY
+      python scripts/experiments/task_text.py $T/countdown3-train.json $T/countdown3-train-text.jsonl
       python -m data_prep tokenizer train --input $T/countdown3-train-text.jsonl --output $T/countdown3-spm --vocab-size 512 ;;
     base)  [ -d $ROOT/cot/export ] || run --config reason-countdown-cot $MODEL $DATA train.max_steps=800 train.eval_every=200 train.output_dir=$ROOT/cot ;;
     nocot) [ -d $ROOT/nocot/export ] || run --config reason-countdown-nocot $DATA 'model.overrides={}' model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/nocot ;;

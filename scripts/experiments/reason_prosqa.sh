@@ -26,13 +26,7 @@ for stage in $STAGES; do
       python -m data_prep tasks prosqa --split train --preset mini --n 256 --seed 999 --output $T/prosqa-mini-valid.json
       python -m data_prep tasks prosqa --split train --preset mini --n 512 --seed 777 --output $T/prosqa-mini-heldout.json
       python -m data_prep tasks prosqa --split test --output $T/prosqa-test.json
-      python - <<'PY'
-import json
-from pipeline.tasks.format import prompt_text, target_text
-with open("runs/tasks/prosqa-train-text.jsonl", "w") as f:
-    for e in json.load(open("runs/tasks/prosqa-train.json")):
-        f.write(json.dumps({"text": prompt_text(e) + target_text(e, True)}) + "\n")
-PY
+      python scripts/experiments/task_text.py $T/prosqa-train.json $T/prosqa-train-text.jsonl
       python -m data_prep tokenizer train --input $T/prosqa-train-text.jsonl --output $T/prosqa-spm --vocab-size 512 ;;
     base)  [ -d $ROOT/cot/export ] || run --config reason-prosqa-cot $MODEL $DATA train.max_steps=800 train.eval_every=200 train.output_dir=$ROOT/cot ;;
     nocot) [ -d $ROOT/nocot/export ] || run --config reason-prosqa-nocot $DATA 'model.overrides={}' model.path=$ROOT/cot/export train.max_steps=600 train.eval_every=200 train.output_dir=$ROOT/nocot ;;
