@@ -38,6 +38,16 @@ class DualConfig:
     """Weight of the standard causal LM loss on x from pass 1, added to the ahead loss."""
     freeze_base: bool | None = None
     """Freeze (True) or train (False) the Base; None = the variant's default."""
+    latent_readout: Literal["hidden", "vocab"] = "hidden"
+    """What the Base reads at the slots (liu, h2): the Coprocessor's final hidden states Z
+    (the papers), or `vocab`: softmax(head(Z)) @ C, the expected row of a trained code table
+    C under the Coprocessor's own next-token distribution (C starts as the Base's token
+    embeddings). Issue 13 measured that a frozen tiny Base reads neither Z nor its own
+    embeddings well, while a trained code carries a perfect draft ~3x better."""
+    draft_loss_weight: float = 0.0
+    """w of the draft loss (liu, h2): slot j's Coprocessor head predicts x[p+1+j] for
+    j < min(N_L, N_A), and w x that cross-entropy joins the objective, a direct next-token
+    signal for the Coprocessor (issue 13: without it the slots know less than the Base)."""
     decode_reread: bool = False
     """Embedding variants: re-read x[p] after the slots, as h1 always does."""
     document_mask: bool = False
@@ -57,8 +67,15 @@ class DualConfig:
             raise PipelineError(f"dual.attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}")
         if self.coprocessor_adapter == "lora" and self.lora_rank < 1:
             raise PipelineError(f"dual.lora_rank must be >= 1, got {self.lora_rank}")
-        if self.orthogonality_weight < 0 or self.lm_loss_weight < 0:
-            raise PipelineError("dual.orthogonality_weight and dual.lm_loss_weight must be >= 0")
+        if self.orthogonality_weight < 0 or self.lm_loss_weight < 0 or self.draft_loss_weight < 0:
+            raise PipelineError("dual.orthogonality_weight, dual.lm_loss_weight and dual.draft_loss_weight must be >= 0")
+        if self.latent_readout not in ("hidden", "vocab"):
+            raise PipelineError(f"dual.latent_readout must be hidden or vocab, got {self.latent_readout!r}")
+        if (self.latent_readout == "vocab" or self.draft_loss_weight > 0) and spec.slots != "coprocessor_output":
+            raise PipelineError(
+                f"dual.latent_readout=vocab and dual.draft_loss_weight apply to variants whose slots hold the "
+                f"Coprocessor's output (liu, h2); variant {self.variant!r} has none (leave them at hidden / 0)"
+            )
         if self.orthogonality_weight > 0 and spec.slots in ("coprocessor_kv", "none"):
             raise PipelineError(
                 f"dual.orthogonality_weight applies to latents used as slot embeddings; variant "

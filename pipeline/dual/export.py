@@ -4,7 +4,8 @@
                               eos_id, the full dual config and the run config
     DIR/base/                 Hugging Face directory (config.json + model.safetensors)
     DIR/coprocessor/          the same, where the variant has one (LoRA merged)
-    DIR/latents.safetensors   {"soft_tokens": (N_L, d)} where the variant has slots
+    DIR/latents.safetensors   {"soft_tokens": (N_L, d)} where the variant has slots, and
+                              "latent_code": (V, d) with latent_readout=vocab
 
 `transformers.AutoModelForCausalLM` loads `base/` and `coprocessor/` as they are.
 """
@@ -44,8 +45,11 @@ def export_dual(dual: DualModel, path: str | Path, *, run_config: dict[str, Any]
         merge_lora(cop)
         cop.save_pretrained(path / "coprocessor", dtype=dtype)
     if dual.soft_tokens is not None:
-        soft = dual.soft_tokens.weight.detach().expand(cfg.n_latents, -1).contiguous().cpu()  # pause: repeated
-        save_file({"soft_tokens": soft if dtype is None else soft.to(dtype)}, str(path / "latents.safetensors"))
+        tensors = {"soft_tokens": dual.soft_tokens.weight.detach().expand(cfg.n_latents, -1)}  # pause: repeated
+        if dual.latent_code is not None:
+            tensors["latent_code"] = dual.latent_code.weight.detach().T
+        save_file({k: (v if dtype is None else v.to(dtype)).contiguous().cpu() for k, v in tensors.items()},
+                  str(path / "latents.safetensors"))
     meta = {
         "format_version": FORMAT_VERSION,
         "variant": cfg.variant,
@@ -80,7 +84,7 @@ def load_dual(path: str | Path, *, device: str | torch.device = "cpu") -> DualMo
                               coprocessor_adapter="full")
     base = from_pretrained(path / "base").to(device)
     cop = from_pretrained(path / "coprocessor").to(device) if cfg.spec.has_coprocessor else None
-    soft = None
+    soft = code = None
     if cfg.spec.augments:
         file = path / "latents.safetensors"
         if not file.is_file():
@@ -89,5 +93,9 @@ def load_dual(path: str | Path, *, device: str | torch.device = "cpu") -> DualMo
         if "soft_tokens" not in tensors:
             raise PipelineError(f"{file} has no tensor 'soft_tokens' (found: {', '.join(tensors)})")
         soft = tensors["soft_tokens"].float()
-    dual = DualModel(base, cfg, coprocessor=cop, soft_tokens=soft, eos_id=meta.get("eos_id"))
+        if cfg.latent_readout == "vocab":
+            if "latent_code" not in tensors:
+                raise PipelineError(f"{file} has no tensor 'latent_code', which latent_readout=vocab needs")
+            code = tensors["latent_code"].float()
+    dual = DualModel(base, cfg, coprocessor=cop, soft_tokens=soft, latent_code=code, eos_id=meta.get("eos_id"))
     return dual.to(device).eval()

@@ -56,6 +56,8 @@ class DualOutput:
     """The unweighted orthogonality penalty (when its weight is > 0)."""
     nll: Tensor | None
     """Per-target NLL `(B, M, N_A)`: nll[b, m, k-1] is -log p(x[p_m + k])."""
+    draft_loss: Tensor | None = None
+    """Mean cross-entropy of the Coprocessor's own head at the slots (when weighted in)."""
 
 
 class DualModel(nn.Module):
@@ -68,6 +70,7 @@ class DualModel(nn.Module):
         *,
         coprocessor: CausalLM | None = None,
         soft_tokens: Tensor | None = None,
+        latent_code: Tensor | None = None,
         eos_id: int | None = None,
     ):
         super().__init__()
@@ -103,6 +106,19 @@ class DualModel(nn.Module):
             self.soft_tokens = nn.Embedding(rows, base.config.d_model, device=_device(base), dtype=_param_dtype(base))
             with torch.no_grad():
                 self.soft_tokens.weight.copy_(soft_tokens[:rows])
+        self.latent_code: nn.Linear | None = None
+        """`latent_readout: vocab`: the code table C `(V, d)` held as a linear map V -> d, so the
+        Base reads softmax(head(Z)) @ C; called in forward, so ZeRO-3 gathers it."""
+        if config.latent_readout == "vocab":
+            vocab, d = base.config.vocab_size, base.config.d_model
+            if latent_code is None:
+                with torch.no_grad():  # start as the Base's token embeddings
+                    latent_code = base.embed(torch.arange(vocab, device=_device(base))).detach()
+            if tuple(latent_code.shape) != (vocab, d):
+                raise PipelineError(f"latent_code has shape {tuple(latent_code.shape)}, expected ({vocab}, {d})")
+            self.latent_code = nn.Linear(vocab, d, bias=False, device=_device(base), dtype=_param_dtype(base))
+            with torch.no_grad():
+                self.latent_code.weight.copy_(latent_code.T)
         self._set_trainable()
 
     # ------------------------------------------------------------------ trainable parameters
@@ -119,6 +135,8 @@ class DualModel(nn.Module):
                 self.coprocessor.requires_grad_(True)
         if self.soft_tokens is not None:
             self.soft_tokens.requires_grad_(True)
+        if self.latent_code is not None:
+            self.latent_code.requires_grad_(True)
         if spec.has_coprocessor:
             self.unused = self._freeze_unused()
             if self.unused:
@@ -196,36 +214,66 @@ class DualModel(nn.Module):
         if sites is None:
             raise PipelineError(f"variant {cfg.variant!r} needs augmentation sites")
 
-        nll, latents = self._augmented_nll(input_ids, sites, cfg.n_ahead, base_out.kv, base_out.hidden_states, docs)
+        nll, latents, z = self._augmented_nll(input_ids, sites, cfg.n_ahead, base_out.kv, base_out.hidden_states,
+                                              docs)
         ahead = nll.mean()
         loss = ahead
+        draft = None
+        if cfg.draft_loss_weight > 0:
+            draft = self._draft_nll(z, input_ids, sites).mean()
+            loss = loss + cfg.draft_loss_weight * draft
         ortho = None
         if cfg.orthogonality_weight > 0:
             ortho = orthogonality_penalty(latents)
             loss = loss + cfg.orthogonality_weight * ortho
         if cfg.lm_loss_weight > 0:
             loss = loss + cfg.lm_loss_weight * lm_loss
-        return DualOutput(loss=loss, ahead_loss=ahead, lm_loss=lm_loss, orthogonality=ortho, nll=nll)
+        return DualOutput(loss=loss, ahead_loss=ahead, lm_loss=lm_loss, orthogonality=ortho, nll=nll,
+                          draft_loss=draft)
 
     def _augmented_nll(
         self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], base_hidden: Tensor,
         docs: Tensor | None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; and the slot latents."""
-        logits, latents = self.site_logits(input_ids, sites, n_ahead, cache, base_hidden, docs)
-        return _site_nll(logits, site_targets(input_ids, sites, n_ahead)), latents
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; the slot latents
+        the Base read; the Coprocessor's output Z (None without a Coprocessor)."""
+        _check_targets_fit(input_ids, sites, n_ahead)
+        latents, extra_kv, z = self._slots(sites, cache, base_hidden, docs)
+        logits = self.decode_logits(input_ids, sites, n_ahead, cache, latents, extra_kv, docs)
+        return _site_nll(logits, site_targets(input_ids, sites, n_ahead)), latents, z
+
+    def _draft_nll(self, z: Tensor, input_ids: Tensor, sites: Tensor) -> Tensor:
+        """NLL `(B, M, j)` of x[p_m + 1 + i] under the Coprocessor's head at slot i, i < j = min(N_L, N_A)."""
+        j = min(self.config.n_latents, self.config.n_ahead)
+        return _site_nll(self.coprocessor.lm_head(z[:, :, :j]), site_targets(input_ids, sites, j))
 
     def slot_contents(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None = None
     ) -> tuple[Tensor | None, list[KV] | None]:
         """Pass 2: what fills each site's slots: latents `(B, M, N_L, d)` as input
         embeddings, or (h1) per-layer K/V `(B, nkv, M*N_L, hs)` to join the cache."""
+        latents, extra_kv, _ = self._slots(sites, cache, base_hidden, docs)
+        return latents, extra_kv
+
+    def _slots(
+        self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None
+    ) -> tuple[Tensor | None, list[KV] | None, Tensor | None]:
+        """`slot_contents`, plus the Coprocessor's raw output Z (for the draft loss)."""
         spec, n_l, d = self.config.spec, self.config.n_latents, self.base.config.d_model
         if spec.has_coprocessor:
             z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)
-            return (None, cop_kv) if spec.slots == "coprocessor_kv" else (z, None)
+            if spec.slots == "coprocessor_kv":
+                return None, cop_kv, z
+            return self.read_latents(z), None, z
         B, M = sites.shape
-        return self.slot_embeddings().expand(n_l, d).expand(B, M, n_l, d), None  # slot or pause embeddings
+        return self.slot_embeddings().expand(n_l, d).expand(B, M, n_l, d), None, None  # slot or pause embeddings
+
+    def read_latents(self, z: Tensor) -> Tensor:
+        """What the Base reads from the Coprocessor's output Z `(..., d)` (`latent_readout`)."""
+        if self.latent_code is None:
+            return z
+        probs = torch.softmax(self.coprocessor.lm_head(z).float(), dim=-1)
+        return self.latent_code(probs.to(z.dtype))
 
     def site_logits(
         self, input_ids: Tensor, sites: Tensor, n_ahead: int, cache: list[KV], base_hidden: Tensor,

@@ -35,7 +35,7 @@ from pipeline.train.task import BatchLayout, StepOutput, Task, register_task
 
 log = logging.getLogger(__name__)
 EVAL_STEP = 10**9  # site draws of validation batches use their own stream
-METRICS = ("ahead_loss", "lm_loss", "orthogonality")
+METRICS = ("ahead_loss", "lm_loss", "orthogonality", "draft_loss")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,6 +114,31 @@ def test_orthogonality_penalty():
         DualConfig(variant="h1", orthogonality_weight=0.1)
 
 
+@pytest.mark.parametrize("variant,options", [("h1", {"latent_readout": "vocab"}), ("soft_embedding", {"draft_loss_weight": 1.0}),
+                                             ("pause", {"latent_readout": "vocab"})])
+def test_readout_and_draft_options_need_coprocessor_output_slots(variant, options):
+    with pytest.raises(PipelineError, match="Coprocessor's output"):
+        DualConfig(variant=variant, **options)
+
+
+def test_draft_loss_is_the_coprocessor_heads_cross_entropy_at_the_slots():
+    """draft_loss = CE(head(Z_i), x[p+1+i]) over i < min(N_L, N_A), added with its weight; the
+    vocab readout starts as the Base's token embeddings, so a one-hot draft reads as the token."""
+    x = data()
+    dual = make("liu", draft_loss_weight=0.25, latent_readout="vocab")
+    sites = sites_for(dual, x)
+    out = dual(x, sites)
+    base_out = dual.base(x, return_kv=True, return_logits=False)
+    _, _, z = dual._slots(sites, base_out.kv, base_out.hidden_states, None)
+    j = min(dual.config.n_latents, dual.config.n_ahead)
+    targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(j)).flatten(1))
+    expected = torch.nn.functional.cross_entropy(dual.coprocessor.lm_head(z[:, :, :j]).flatten(0, 2), targets.flatten())
+    torch.testing.assert_close(out.draft_loss, expected)
+    torch.testing.assert_close(out.loss, out.ahead_loss + 0.25 * expected)
+    onehot = torch.nn.functional.one_hot(torch.tensor([5, 7]), dual.base.config.vocab_size).float()
+    torch.testing.assert_close(dual.latent_code(onehot), dual.base.embed(torch.tensor([5, 7])))
+
+
 def test_lm_loss_weight_adds_exactly_the_causal_lm_loss():
     x = data()
     plain = make("h2")
@@ -197,6 +222,7 @@ def test_base_alone_scores_are_the_base_forward_cross_entropy(variant):
     ("h1", {}),
     ("soft_embedding", {"decode_reread": True}),
     ("pause", {}),
+    ("h2", {"latent_readout": "vocab", "draft_loss_weight": 1.0}),
 ])
 def test_export_import_gives_identical_scores(tmp_path, variant, options):
     from transformers import AutoModelForCausalLM
