@@ -91,6 +91,10 @@ class LatentConfig:
         if not self.dual.spec.augments:
             raise PipelineError(f"dual.variant={self.dual.variant!r} has no latents; for a plain fine-tune "
                                 "use task: reasoning_sft (a -cot or -nocot preset)")
+        for name in ("orthogonality_weight", "lm_loss_weight", "draft_loss_weight"):
+            if getattr(self.dual, name) > 0:  # the curriculum's loss is the remaining text only
+                raise PipelineError(f"dual.{name} is a loss term of dual pretraining; task latent_sft does not "
+                                    "apply it (leave it at 0)")
 
 
 def curriculum_of(cfg: LatentConfig) -> Curriculum:

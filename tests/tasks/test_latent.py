@@ -196,6 +196,12 @@ def test_config_refuses_a_variant_without_latents():
         from_dict(LatentConfig, {"dual": {"variant": "continued_pretraining"}})
 
 
+@pytest.mark.parametrize("name", ["orthogonality_weight", "lm_loss_weight", "draft_loss_weight"])
+def test_config_refuses_pretraining_loss_terms_it_would_not_apply(name):
+    with pytest.raises(PipelineError, match=f"dual.{name} is a loss term of dual pretraining"):
+        from_dict(LatentConfig, {"dual": {"variant": "h2", name: 0.5}})
+
+
 def test_build_skips_examples_too_long_at_some_stage(tmp_path):
     long = dict(EXAMPLES[2], question=EXAMPLES[2]["question"] * 12)
     f = save_examples(tmp_path / "t.json", [*EXAMPLES, long])
