@@ -43,6 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     pk.add_argument("--k", type=int, default=32)
     pk.add_argument("--sites-per-doc", type=int, default=8)
     pk.add_argument("--every-position", action="store_true", help="every allowed site (as paper 002)")
+    pk.add_argument("--window", type=int, default=None, metavar="N",
+                    help="keep each site's context and k scored tokens in the first N tokens of a document "
+                         "(default: the shortest run_config.data.seq_len the models trained on; 0: no bound)")
     pk.add_argument("--sites-per-row", type=int, default=16)
     pk.add_argument("--seed", type=int, default=0)
     pk.add_argument("--dump", help="write the per-site JSON lines here")
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "ppl-at-k":
             cfg = PplConfig(k=args.k, sites_per_doc=None if args.every_position else args.sites_per_doc,
                             seed=args.seed, batch_size=args.batch_size or 4, sites_per_row=args.sites_per_row,
-                            n_resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
+                            n_resamples=args.bootstrap, bootstrap_seed=args.bootstrap_seed, window=args.window)
             res = runner.run_ppl_at_k(models, out=args.out, data=args.data, cfg=cfg, limit=args.limit,
                                       dump=args.dump, **log)
             stem = "ppl_at_k"

@@ -72,6 +72,14 @@ class EvalModel:
             return min(by_row, last_allowed_site(1 << 62, cfg.n_latents, k, cfg.reread, self.max_positions))
         return by_row
 
+    @property
+    def trained_window(self) -> int | None:
+        """The sequence length the export trained on (run_config.data.seq_len), if recorded."""
+        run = (self.meta or {}).get("run_config") or {}
+        data = run.get("data") or {}
+        seq = data.get("seq_len") if isinstance(data, dict) else None
+        return seq if isinstance(seq, int) and seq > 0 else None
+
     def data_path(self) -> str | None:
         """The shard directory the model trained on (run_config.data.path), if recorded."""
         run = (self.meta or {}).get("run_config") or {}

@@ -52,12 +52,19 @@ class PplConfig:
     """Seed of the bootstrap resampling (independent of `seed`, the site sampling)."""
     level: float = 0.95
     """Coverage of the percentile intervals."""
+    window: int | None = None
+    """Sites keep their context and the k scored tokens inside this many tokens (p + k < window):
+    None = the shortest training window among the models (an export's run_config.data.seq_len;
+    positions beyond it were never trained, so scoring there measures length extrapolation, not
+    augmentation), 0 = only the models' positions bound the sites."""
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.batch_size < 1 or self.sites_per_row < 1 or self.min_context < 1:
             raise PipelineError("k, batch_size, sites_per_row and min_context must be >= 1")
         if self.n_resamples < 1 or not 0.0 < self.level < 1.0:
             raise PipelineError("n_resamples must be >= 1 (e.g. --bootstrap 1000) and level in (0, 1)")
+        if self.window is not None and self.window < 0:
+            raise PipelineError("window must be >= 0 (0 = no bound beyond the models' positions)")
         if self.sites_per_doc is not None and self.sites_per_doc < 1:
             raise PipelineError("sites_per_doc must be >= 1 (or None for every position)")
 
@@ -237,6 +244,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             cells += [_with_ci(m["ppl"][i], m, "ppl", i, ".3f"), _with_ci(m["ppl_base"][i], m, "ppl_base", i, ".3f"),
                       _with_ci(m["reduction_pct"][i], m, "reduction_pct", i, "+.2f")]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("window"):
+        lines += ["", f"Sites: every context and its {k} scored tokens lie inside the first {results['window']} "
+                  "tokens of a held-out document (the window the models trained on)."]
     boot = results.get("bootstrap")
     if boot is not None:
         lines += ["", f"[low, high]: {100 * boot['level']:g}% percentile bootstrap over the {results['n_sites']} "

@@ -110,7 +110,15 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
         if m.last_site(cfg.k) < cfg.min_context - 1:
             raise PipelineError(f"--k {cfg.k} does not fit {m.name}'s context of {m.max_positions} positions "
                                 "(a site, its latent slots and the k scored tokens together); lower --k")
-    plan = pk.plan_sites(docs, cfg, min(m.last_site(cfg.k) for m in models))
+    windows = [m.trained_window for m in models if m.trained_window]
+    window = cfg.window if cfg.window is not None else min(windows, default=0)
+    last = min(m.last_site(cfg.k) for m in models)
+    if window:
+        if window - 1 - cfg.k < cfg.min_context - 1:
+            raise PipelineError(f"--k {cfg.k} leaves no site inside the {window}-token training window; lower --k "
+                                "or widen it with --window")
+        last = min(last, window - 1 - cfg.k)
+    plan = pk.plan_sites(docs, cfg, last)
     summaries, dumps = [], []
     for m in models:
         with _shown(bar, len(plan), f"{m.name} augmented" if m.augments else m.name) as progress:
@@ -124,7 +132,7 @@ def run_ppl_at_k(models: list[EvalModel], *, out: str | Path, data: str | None =
         dumps.append((m.name, nll, nll_base if m.augments else None))
     results = {
         "task": "ppl_at_k", "k": cfg.k, "data": str(data), "n_documents": len(docs),
-        "n_sites": len(plan), "sites_per_doc": cfg.sites_per_doc, "seed": cfg.seed,
+        "n_sites": len(plan), "sites_per_doc": cfg.sites_per_doc, "seed": cfg.seed, "window": window,
         "bootstrap": pk.bootstrap_settings(cfg), "models": summaries,
     }
     files = write_results(results, out, "ppl_at_k", pk.markdown_table(results))

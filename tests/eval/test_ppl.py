@@ -136,3 +136,28 @@ def test_site_plan_is_seeded_and_respects_limits():
 def test_cli_errors_exit_2(tmp_path, capsys):
     assert evaluate_cli.main(["ppl-at-k", "--model", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_sites_stay_inside_the_training_window(exports, shard_dir, tmp_path):
+    """An export that trained on W-token windows is scored only where context + k targets fit
+    in the first W tokens (run_config.data.seq_len); --window 0 lifts the bound; a plain
+    checkpoint records no window."""
+    import shutil
+
+    src = exports["liu"]
+    dst = tmp_path / "liu-w24"
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "pipeline.json").read_text())
+    meta["run_config"]["data"]["seq_len"] = 24
+    (dst / "pipeline.json").write_text(json.dumps(meta))
+    model = load_eval_model(dst)
+    assert model.trained_window == 24 and load_eval_model(exports["hf_base"]).trained_window is None
+    dump = tmp_path / "sites.jsonl"
+    cfg = pk.PplConfig(k=K, sites_per_doc=None)
+    res = run_ppl_at_k([model], out=tmp_path / "w", cfg=cfg, data=str(shard_dir), limit=4, dump=str(dump))
+    sites = [json.loads(x)["site"] for x in dump.read_text().splitlines()]
+    assert res["window"] == 24 and max(sites) == 24 - 1 - K
+    assert "first 24 tokens" in (tmp_path / "w" / "ppl_at_k.md").read_text()
+    free = run_ppl_at_k([model], out=tmp_path / "f", cfg=pk.PplConfig(k=K, sites_per_doc=None, window=0),
+                        data=str(shard_dir), limit=4)
+    assert free["window"] == 0 and free["n_sites"] > res["n_sites"]
