@@ -258,7 +258,9 @@ def compare_table(rows: list[dict[str, Any]], ppl: dict[str, Any]) -> str:
             else:
                 cells.append("0")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"ppl at k: the k-th token after a site, on the same {ppl['n_sites']} held-out sites for every "
+    window = f" (context and scored tokens inside the first {ppl['window']} tokens of a document, the window the " \
+             "models trained on)" if ppl.get("window") else ""
+    lines += ["", f"ppl at k: the k-th token after a site, on the same {ppl['n_sites']} held-out sites{window} for every "
               "variant (continued pretraining: its own next-token prediction there). Δ vs CP: ppl minus "
               "continued pretraining's, [95% paired percentile bootstrap over sites]. val ppl is each run's own "
               "validation objective (ahead tokens for dual variants, every token for continued pretraining), "

@@ -37,6 +37,7 @@ def test_compare_table_has_every_variant(compare):
     table = compare["first"]["table"]
     for variant in COMPARE_VARIANTS:
         assert f"| {variant} |" in table
+    assert "tokens of a document, the window the models trained on" in table  # sites inside data.seq_len
     rows = json.loads((compare["root"] / "compare" / "compare.json").read_text())
     assert [r["variant"] for r in rows] == list(COMPARE_VARIANTS)
     for r in rows:
