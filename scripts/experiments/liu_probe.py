@@ -18,8 +18,8 @@ Experimental maps (not pipeline options; each tested here and reported in the RE
 `--draft-weight w` adds w x CE(head(Z_j), x[p+1+j]), a direct next-token signal for the
 slots; `--slot-input site` adds the site token's embedding to every slot's input;
 `--readout actnorm` feeds g*(Z - b) with b, g set from the first batch (Glow's actnorm) and
-trained; `--readout vocab` feeds softmax(head(Z)) @ C with C a trained table initialised to
-the Base's token embeddings.
+trained. `--readout vocab` is the pipeline's `dual.latent_readout: vocab` (softmax(head(Z)) @ C,
+C trained from the Base's token embeddings); the draft loss became `dual.draft_loss_weight`.
 """
 
 from __future__ import annotations
@@ -54,21 +54,16 @@ class ProbedDual(DualModel):
 
     def slot_contents(self, sites, cache, base_hidden, docs=None):
         self._sites = sites
-        z, kv = super().slot_contents(sites, cache, base_hidden, docs)
+        latents, kv, z = self._slots(sites, cache, base_hidden, docs)  # latents: after the pipeline's readout
         self._sites, self.raw = None, z
-        if self.readout == "vocab" and self.armed:
-            return torch.softmax(self.coprocessor.lm_head(z), -1) @ self.code, kv
         if self.readout == "actnorm" and self.armed:
             return (z - self.act_b) * self.act_g, kv
-        return z, kv
+        return latents, kv
 
     def arm(self, z: torch.Tensor) -> list[torch.nn.Parameter]:
         """Create the readout's parameters (actnorm: from the first batch's latents `z`)."""
         table = self.base.transformer.wte.weight.detach()
-        if self.readout == "vocab":
-            self.code = torch.nn.Parameter(table.clone())
-            new = [self.code]
-        elif self.readout == "actnorm":
+        if self.readout == "actnorm":
             self.act_b = torch.nn.Parameter(z.mean((0, 1, 2)).detach().clone())
             self.act_g = torch.nn.Parameter((table.std(0) / z.std((0, 1, 2))).detach().clone())
             new = [self.act_b, self.act_g]
@@ -97,7 +92,8 @@ def main() -> None:
     m = load_manifest(args.data)
     train, val = PackedSequences(m, "train", 64), PackedSequences(m, "validation", 64)
     cfg = DualConfig(variant=args.variant, n_latents=args.nl, n_ahead=4, n_sites=8, decode_reread=True,
-                     lm_loss_weight=args.lm_loss_weight, coprocessor_input=args.coprocessor_input)
+                     lm_loss_weight=args.lm_loss_weight, coprocessor_input=args.coprocessor_input,
+                     latent_readout="vocab" if args.readout == "vocab" else "hidden")
     ProbedDual.slot_input, ProbedDual.readout = args.slot_input, args.readout
     dual = ProbedDual(from_pretrained(args.base), cfg, eos_id=m.eos_id)
     order = BatchOrder(len(train), 1234, 8, 1, 1)
