@@ -51,9 +51,9 @@ from pipeline.models.generate import right_pad
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
 from pipeline.tasks.finetune import (
     ExampleData,
+    ExampleTask,
     build_lm,
     copy_tokenizer,
-    examples_meta,
     tokenizer_path,
 )
 from pipeline.tasks.schema import load_examples
@@ -63,10 +63,8 @@ from pipeline.train.optimizer_state import reset_optimizer_moments
 from pipeline.train.task import (
     BatchLayout,
     StepOutput,
-    Task,
     load_checked,
     register_task,
-    require_meta,
 )
 
 log = logging.getLogger(__name__)
@@ -129,7 +127,7 @@ class StagedExamples:
 
 
 @register_task
-class CoconutTask(Task):
+class CoconutTask(ExampleTask):
     """Coconut: question -> <bot> -> k·c continuous thoughts -> <eot> -> remaining text, staged."""
 
     kind = "coconut"
@@ -146,10 +144,8 @@ class CoconutTask(Task):
 
     # ------------------------------------------------------------------ data
     def encode(self, file: str, role: str, tok: Tokenizer) -> StagedExamples:
-        if not file:
-            raise PipelineError(f"data.{role}_file is not set: point it at a task file "
-                                "(python -m data_prep tasks {gsm8k,prosqa,countdown} --output F.json)")
-        return StagedExamples(load_examples(file), tok, self.curriculum, max_len=self.config.data.max_len, where=file)
+        return StagedExamples(load_examples(self.task_file(file, role)), tok, self.curriculum,
+                              max_len=self.config.data.max_len, where=file)
 
     def stage_at(self, step: int) -> int:
         return self.curriculum.stage_at_step(step, self.layout.global_batch, len(self.train_rows))
@@ -230,22 +226,11 @@ class CoconutTask(Task):
                 "val_stage": float(self.stage)}
 
     def provenance(self) -> dict[str, Any]:
-        meta = self.checkpoint_meta()
-        return {"data": meta["data"], "tokenizer": meta["tokenizer"], "curriculum": self.curriculum.describe()}
+        return {**super().provenance(), "curriculum": self.curriculum.describe()}
 
     # ------------------------------------------------------------------ checkpoints and export
-    def checkpoint_meta(self) -> dict[str, Any]:
-        if self._meta is None:
-            data = examples_meta(self.config.data, {"train": (len(self.train_rows), self.train_rows.too_long),
-                                                     "valid": (len(self.valid_rows), self.valid_rows.too_long)})
-            self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.model.lm.config),
-                          "data": data}
-        return self._meta
-
-    @classmethod
-    def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> CoconutTask:
-        require_meta(meta, {"tokenizer", "model_config"}, where)
-        return cls(from_dict(CoconutConfig, config, where=where), meta=meta)
+    def model_config(self) -> ModelConfig:
+        return self.model.lm.config
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         meta = self._meta

@@ -226,8 +226,48 @@ def file_identity(path: str) -> dict[str, Any]:
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
+class ExampleTask(Task):
+    """What the three task-file fine-tunes (reasoning_sft, latent_sft, coconut) share: the
+    task-file check, the checkpoint record (tokenizer, model config, data counts) and the
+    rebuild from it. A subclass says which model config and which example counts it records."""
+
+    tokenizer: dict[str, Any]
+    _meta: dict[str, Any] | None
+
+    @staticmethod
+    def task_file(file: str, role: str) -> str:
+        if not file:
+            raise PipelineError(f"data.{role}_file is not set: point it at a task file "
+                                "(python -m data_prep tasks {gsm8k,prosqa,countdown} --output F.json)")
+        return file
+
+    def model_config(self) -> ModelConfig:
+        """The config of the model whose weights the checkpoint holds (the Base for a dual one)."""
+        raise NotImplementedError
+
+    def example_counts(self) -> dict[str, tuple[int, int]]:
+        """role -> (examples kept, examples skipped as too long), from `train_rows` / `valid_rows`."""
+        return {"train": (len(self.train_rows), self.train_rows.too_long),
+                "valid": (len(self.valid_rows), self.valid_rows.too_long)}
+
+    def provenance(self) -> dict[str, Any]:
+        meta = self.checkpoint_meta()
+        return {"data": meta["data"], "tokenizer": meta["tokenizer"]}
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        if self._meta is None:
+            self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.model_config()),
+                          "data": examples_meta(self.config.data, self.example_counts())}
+        return self._meta
+
+    @classmethod
+    def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> ExampleTask:
+        require_meta(meta, {"tokenizer", "model_config"}, where)
+        return cls(from_dict(cls.config_class, config, where=where), meta=meta)
+
+
 @register_task
-class ReasoningSFT(Task):
+class ReasoningSFT(ExampleTask):
     """Supervised fine-tuning on question -> (steps ->) "### answer", loss on the target side only."""
 
     kind = "reasoning_sft"
@@ -240,11 +280,9 @@ class ReasoningSFT(Task):
 
     # ------------------------------------------------------------------ data
     def encode(self, file: str, role: str, tok: Tokenizer) -> EncodedExamples:
-        if not file:
-            raise PipelineError(f"data.{role}_file is not set: point it at a task file "
-                                "(python -m data_prep tasks {gsm8k,prosqa,countdown} --output F.json)")
         d = self.config.data
-        return EncodedExamples(load_examples(file), tok, cot=d.cot, max_len=d.max_len, where=file)
+        return EncodedExamples(load_examples(self.task_file(file, role)), tok, cot=d.cot, max_len=d.max_len,
+                               where=file)
 
     # ------------------------------------------------------------------ training
     def build(self, layout: BatchLayout) -> nn.Module:
@@ -297,25 +335,9 @@ class ReasoningSFT(Task):
             nll, count, hits = nll + float(s), count + float(c), hits + float(h)
         return {"val_loss": nll / max(count, 1.0), "val_token_acc": hits / max(count, 1.0)}
 
-    def provenance(self) -> dict[str, Any]:
-        meta = self.checkpoint_meta()
-        return {"data": meta["data"], "tokenizer": meta["tokenizer"]}
-
-    def _data_meta(self) -> dict[str, Any]:
-        return examples_meta(self.config.data, {"train": (len(self.train_rows), self.train_rows.too_long),
-                                                "valid": (len(self.valid_rows), self.valid_rows.too_long)})
-
     # ------------------------------------------------------------------ checkpoints and export
-    def checkpoint_meta(self) -> dict[str, Any]:
-        if self._meta is None:
-            self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.lm.config),
-                          "data": self._data_meta()}
-        return self._meta
-
-    @classmethod
-    def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> ReasoningSFT:
-        require_meta(meta, {"tokenizer", "model_config"}, where)
-        return cls(from_dict(ReasoningConfig, config, where=where), meta=meta)
+    def model_config(self) -> ModelConfig:
+        return self.lm.config
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         meta = self._meta

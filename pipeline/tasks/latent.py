@@ -50,9 +50,9 @@ from pipeline.models import CausalLM, ModelConfig, build_model
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
 from pipeline.tasks.finetune import (
     ExampleData,
+    ExampleTask,
     build_lm,
     copy_tokenizer,
-    examples_meta,
     tokenizer_path,
 )
 from pipeline.tasks.schema import load_examples
@@ -63,10 +63,8 @@ from pipeline.train.optimizer_state import reset_optimizer_moments
 from pipeline.train.task import (
     BatchLayout,
     StepOutput,
-    Task,
     load_checked,
     register_task,
-    require_meta,
 )
 
 log = logging.getLogger(__name__)
@@ -170,7 +168,7 @@ def build_latent_dual(cfg: LatentConfig, tokenizer: dict[str, Any], n_latents: i
 
 
 @register_task
-class LatentSFT(Task):
+class LatentSFT(ExampleTask):
     """Curriculum fine-tuning of a dual variant: latents at the question's end, loss on what remains."""
 
     kind = "latent_sft"
@@ -186,10 +184,7 @@ class LatentSFT(Task):
     # ------------------------------------------------------------------ data
     def _load(self, file: str, role: str) -> tuple[list[dict[str, Any]], int]:
         """The examples of `file` that fit `data.max_len` at every stage (others counted, warned)."""
-        if not file:
-            raise PipelineError(f"data.{role}_file is not set: point it at a task file "
-                                "(python -m data_prep tasks {gsm8k,prosqa,countdown} --output F.json)")
-        examples = load_examples(file)
+        examples = load_examples(self.task_file(file, role))
         reread, limit = self.dual_config.reread, self.config.data.max_len
         longest = np.zeros(len(examples), dtype=np.int64)
         for stage in range(self.curriculum.first, self.curriculum.last + 1):
@@ -299,22 +294,14 @@ class LatentSFT(Task):
         return {f"{name}_loss": nll / max(count, 1.0), f"{name}_token_acc": hits / max(count, 1.0)}
 
     def provenance(self) -> dict[str, Any]:
-        meta = self.checkpoint_meta()
-        return {"data": meta["data"], "tokenizer": meta["tokenizer"], "curriculum": self.curriculum.describe()}
+        return {**super().provenance(), "curriculum": self.curriculum.describe()}
 
     # ------------------------------------------------------------------ checkpoints and export
-    def checkpoint_meta(self) -> dict[str, Any]:
-        if self._meta is None:
-            data = examples_meta(self.config.data, {role: (len(self.examples[role]), self.skipped[role])
-                                                    for role in ("train", "valid")})
-            self._meta = {"tokenizer": self.tokenizer, "model_config": dataclasses.asdict(self.dual.base.config),
-                          "data": data}
-        return self._meta
+    def model_config(self) -> ModelConfig:
+        return self.dual.base.config
 
-    @classmethod
-    def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> LatentSFT:
-        require_meta(meta, {"tokenizer", "model_config"}, where)
-        return cls(from_dict(LatentConfig, config, where=where), meta=meta)
+    def example_counts(self) -> dict[str, tuple[int, int]]:
+        return {role: (len(self.examples[role]), self.skipped[role]) for role in ("train", "valid")}
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         """The dual model at the final stage's latent count, with the tokenizer beside its Base."""
