@@ -42,11 +42,10 @@ from torch import Tensor, nn
 
 from pipeline.coconut import CoconutLM, export_coconut
 from pipeline.coconut.export import MARKERS_FILE
-from pipeline.config import from_dict
 from pipeline.data.tokenizer import Tokenizer, load_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.flops import attention_flops, causal_pairs, matmul_flops
-from pipeline.models import ModelConfig, build_model
+from pipeline.models import ModelConfig
 from pipeline.models.generate import right_pad
 from pipeline.tasks.curriculum import Curriculum, CurriculumConfig
 from pipeline.tasks.finetune import (
@@ -63,7 +62,6 @@ from pipeline.train.optimizer_state import reset_optimizer_moments
 from pipeline.train.task import (
     BatchLayout,
     StepOutput,
-    load_checked,
     register_task,
 )
 
@@ -234,12 +232,9 @@ class CoconutTask(ExampleTask):
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         meta = self._meta
-        lm = build_model(from_dict(ModelConfig, meta["model_config"], where=f"{where}: model_config"))
         if "markers" not in state:
             raise PipelineError(f"{where}: checkpoint has no 'markers' (the <bot>/<eot> embeddings)")
-        lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k != "markers"}
-        load_checked(lm, lm_state, f"{where}: checkpoint", tied=lm.config.tie_word_embeddings)
-        lm.tie_weights()
+        lm = self.rebuild_lm({k.removeprefix("lm."): v for k, v in state.items() if k != "markers"}, where)
         model = CoconutLM(lm, state["markers"])
         c = self.config.curriculum
         run_config = {**self.config_dict(), "task": self.kind, "tokenizer": meta["tokenizer"]}

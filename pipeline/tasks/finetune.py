@@ -260,6 +260,13 @@ class ExampleTask(Task):
                           "data": examples_meta(self.config.data, self.example_counts())}
         return self._meta
 
+    def rebuild_lm(self, state: dict[str, Tensor], where: str) -> CausalLM:
+        """The checkpoint's plain LM (`state` without its module prefix), built from the recorded config."""
+        lm = build_model(from_dict(ModelConfig, self._meta["model_config"], where=f"{where}: model_config"))
+        load_checked(lm, state, f"{where}: checkpoint", tied=lm.config.tie_word_embeddings)
+        lm.tie_weights()
+        return lm
+
     @classmethod
     def from_checkpoint(cls, config: dict[str, Any], meta: dict[str, Any], *, where: str) -> ExampleTask:
         require_meta(meta, {"tokenizer", "model_config"}, where)
@@ -341,10 +348,7 @@ class ReasoningSFT(ExampleTask):
 
     def export(self, state: dict[str, Tensor], out_dir: Path, *, where: str) -> None:
         meta = self._meta
-        lm = build_model(from_dict(ModelConfig, meta["model_config"], where=f"{where}: model_config"))
-        state = {k.removeprefix("lm."): v for k, v in state.items()}
-        load_checked(lm, state, f"{where}: checkpoint", tied=lm.config.tie_word_embeddings)
-        lm.tie_weights()
+        lm = self.rebuild_lm({k.removeprefix("lm."): v for k, v in state.items()}, where)
         run_config = {**self.config_dict(), "task": self.kind, "tokenizer": meta["tokenizer"]}
         plain = DualModel(lm, DualConfig(variant="continued_pretraining", n_sites=1),
                           eos_id=meta["tokenizer"]["eos_id"])
