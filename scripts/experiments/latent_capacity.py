@@ -27,8 +27,8 @@ from pipeline.train.data import PackedSequences
 
 
 class FreeLatents(DualModel):
-    def slot_contents(self, sites, cache, base_hidden, docs=None):
-        return self.free, None
+    def _slots(self, sites, cache, base_hidden, docs=None):
+        return self.free, None, None  # (latents the Base reads, extra K/V, Coprocessor output)
 
 
 def main() -> None:

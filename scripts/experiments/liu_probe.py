@@ -48,12 +48,16 @@ class ProbedDual(DualModel):
 
     def slot_embeddings(self):
         e = super().slot_embeddings()
-        if self.slot_input == "site" and self.ids is not None and getattr(self, "_sites", None) is not None:
-            return e + self.base.embed(self.ids.gather(1, self._sites)).unsqueeze(2)
+        sites = getattr(self, "_sites", None)
+        if self.slot_input == "site" and self.ids is not None and sites is not None:
+            return e + self.base.embed(self.ids.gather(1, sites)).unsqueeze(2)
+        if self.slot_input == "site_hidden" and sites is not None:
+            h = self._hidden
+            return e + h.gather(1, sites.unsqueeze(-1).expand(-1, -1, h.shape[-1])).unsqueeze(2)
         return e
 
     def slot_contents(self, sites, cache, base_hidden, docs=None):
-        self._sites = sites
+        self._sites, self._hidden = sites, base_hidden
         latents, kv, z = self._slots(sites, cache, base_hidden, docs)  # latents: after the pipeline's readout
         self._sites, self.raw = None, z
         if self.readout == "actnorm" and self.armed:
@@ -84,7 +88,10 @@ def main() -> None:
     ap.add_argument("--lm-loss-weight", type=float, default=0.0)
     ap.add_argument("--coprocessor-input", default="kv_cache", choices=["kv_cache", "last_hidden"])
     ap.add_argument("--draft-weight", type=float, default=0.0)
-    ap.add_argument("--slot-input", default="soft", choices=["soft", "site"])
+    ap.add_argument("--slot-input", default="soft", choices=["soft", "site", "site_hidden"])
+    ap.add_argument("--cop-init", default="base", choices=["base", "identity"],
+                    help="identity: zero the Coprocessor's residual-branch output projections, so with "
+                         "last_hidden it starts as the identity on the Base's hidden states")
     ap.add_argument("--readout", default="hidden", choices=["hidden", "actnorm", "vocab"])
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -96,6 +103,12 @@ def main() -> None:
                      latent_readout="vocab" if args.readout == "vocab" else "hidden")
     ProbedDual.slot_input, ProbedDual.readout = args.slot_input, args.readout
     dual = ProbedDual(from_pretrained(args.base), cfg, eos_id=m.eos_id)
+    if args.cop_init == "identity":
+        with torch.no_grad():
+            for block in dual.coprocessor.transformer.h:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    proj.weight.zero_()
+                    proj.bias.zero_()
     order = BatchOrder(len(train), 1234, 8, 1, 1)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +155,11 @@ def main() -> None:
               f"Z-mean {constant:.4f} |Z| {float(z.norm(dim=-1).mean()):.2f} "
               f"|Z - mean| {float((z - mean).norm(dim=-1).mean()):.2f} |dL/dZ| {float(grad.norm()):.2e} "
               f"draft@1 {float(draft[..., 0].mean()):.3f} (Base {float(base[..., 0].mean()):.3f})", flush=True)
+        with torch.no_grad():
+            per_k = _site_nll(dual.decode_logits(vx, vs, 4, out.kv, z, None), targets).mean((0, 1)) - base.mean((0, 1))
+        print(f"  aug - base per k {[round(float(v), 4) for v in per_k]} "
+              f"draft per slot {[round(float(v), 3) for v in draft.mean((0, 1))]} "
+              f"base per k {[round(float(v), 3) for v in base.mean((0, 1))]}", flush=True)
         dual.train()
 
     warm = max(1, min(50, args.steps // 10))

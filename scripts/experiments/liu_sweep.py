@@ -39,14 +39,14 @@ class MappedLatents(DualModel):
 
     latent_map = "none"
 
-    def slot_contents(self, *args, **kwargs):
-        z, kv = super().slot_contents(*args, **kwargs)
+    def _slots(self, *args, **kwargs):
+        z, kv, raw = super()._slots(*args, **kwargs)
         if z is None or self.latent_map == "none":
-            return z, kv
+            return z, kv, raw
         table = self.base.transformer.wte.weight
         if self.latent_map == "norm":
-            return F.normalize(z, dim=-1) * table.detach().norm(dim=-1).mean(), kv
-        return torch.softmax(self.base.lm_head(z).float(), dim=-1) @ table, kv  # mixture
+            return F.normalize(z, dim=-1) * table.detach().norm(dim=-1).mean(), kv, raw
+        return torch.softmax(self.base.lm_head(z).float(), dim=-1) @ table, kv, raw  # mixture
 
 
 def main() -> None:
