@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 SUITES = {
     "data": "pipeline.data.benchmark",

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.paths import shared_data_dir
-from pipeline.tasks.format import TASKS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.paths import shared_data_dir  # noqa: E402
+from pipeline.tasks.format import TASKS  # noqa: E402
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
