@@ -220,7 +220,7 @@ class DualModel(nn.Module):
         loss = ahead
         draft = None
         if cfg.draft_loss_weight > 0:
-            draft = self._draft_nll(z, input_ids, sites).mean()
+            draft = self.draft_nll(z, input_ids, sites).mean()
             loss = loss + cfg.draft_loss_weight * draft
         ortho = None
         if cfg.orthogonality_weight > 0:
@@ -238,11 +238,11 @@ class DualModel(nn.Module):
         """Passes 2 and 3: NLL `(B, M, n_ahead)` of x[p_m + k], k = 1..n_ahead; the slot latents
         the Base read; the Coprocessor's output Z (None without a Coprocessor)."""
         _check_targets_fit(input_ids, sites, n_ahead)
-        latents, extra_kv, z = self._slots(sites, cache, base_hidden, docs)
+        latents, extra_kv, z = self.slots(sites, cache, base_hidden, docs)
         logits = self.decode_logits(input_ids, sites, n_ahead, cache, latents, extra_kv, docs)
         return _site_nll(logits, site_targets(input_ids, sites, n_ahead)), latents, z
 
-    def _draft_nll(self, z: Tensor, input_ids: Tensor, sites: Tensor) -> Tensor:
+    def draft_nll(self, z: Tensor, input_ids: Tensor, sites: Tensor) -> Tensor:
         """NLL `(B, M, j)` of x[p_m + 1 + i] under the Coprocessor's head at slot i, i < j = min(N_L, N_A)."""
         j = min(self.config.n_latents, self.config.n_ahead)
         return _site_nll(self.coprocessor.lm_head(z[:, :, :j]), site_targets(input_ids, sites, j))
@@ -252,13 +252,15 @@ class DualModel(nn.Module):
     ) -> tuple[Tensor | None, list[KV] | None]:
         """Pass 2: what fills each site's slots: latents `(B, M, N_L, d)` as input
         embeddings, or (h1) per-layer K/V `(B, nkv, M*N_L, hs)` to join the cache."""
-        latents, extra_kv, _ = self._slots(sites, cache, base_hidden, docs)
+        latents, extra_kv, _ = self.slots(sites, cache, base_hidden, docs)
         return latents, extra_kv
 
-    def _slots(
+    def slots(
         self, sites: Tensor, cache: list[KV], base_hidden: Tensor, docs: Tensor | None
     ) -> tuple[Tensor | None, list[KV] | None, Tensor | None]:
-        """`slot_contents`, plus the Coprocessor's raw output Z (for the draft loss)."""
+        """Pass 2 in full: `slot_contents` plus the Coprocessor's raw output Z `(B, M, N_L, d)`
+        (None without a Coprocessor), which the draft loss and the probe read. The one place
+        the slots are filled: forward and slot_contents both go through it."""
         spec, n_l, d = self.config.spec, self.config.n_latents, self.base.config.d_model
         if spec.has_coprocessor:
             z, cop_kv = self._coprocessor_pass(sites, cache, base_hidden, docs)

@@ -12,11 +12,18 @@ pause), on held-out sequences with seeded sites, in fp32 without DeepSpeed:
 - **ablations**: the ahead NLL per k with the learned latents, with zeros, with the
   batch mean of the latents (same scale, no site-specific information), with random
   token embeddings, and with *oracle* latents — the embeddings of the true next N_L
-  tokens, an upper bound on what the frozen Base can read from N_L inserted positions —
-  next to the Base alone on the same targets.
+  tokens (and, with `latent_readout: vocab`, their rows of the trained code C: a perfect
+  draft through this model's readout), roughly what the frozen Base can read from N_L
+  inserted positions —
+  next to the Base alone on the same targets; also with each site's latents swapped for
+  another site's (a seeded permutation);
+- **the Coprocessor's own draft** (liu, h2): the NLL of x[p+1+j] under the Coprocessor's head
+  at slot j, next to the Base alone at k = j+1 — whether the Coprocessor knows anything about
+  the ahead tokens that the Base does not.
 
-Learned ≈ mean says the latents carry no per-site information; oracle ≈ Base alone says
-the Base cannot use inserted positions at all, whatever a Coprocessor writes there.
+Learned ≈ mean ≈ swapped says the latents carry no per-site information; oracle ≈ Base alone
+says the Base cannot use inserted positions at all, whatever a Coprocessor writes there; a
+draft far above the Base alone says the Coprocessor has little to tell it.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ def probe(dual: DualModel, input_ids: torch.Tensor, seed: int = 0) -> dict[str, 
     dual.eval()
     with torch.no_grad():
         base_out = dual.base(input_ids, return_kv=True, return_logits=False)
-        latents, extra_kv = dual.slot_contents(sites, base_out.kv, base_out.hidden_states)
+        latents, extra_kv, z = dual.slots(sites, base_out.kv, base_out.hidden_states, None)
         targets = site_targets(input_ids, sites, n_a)
         B, M = sites.shape
 
@@ -88,11 +95,22 @@ def probe(dual: DualModel, input_ids: torch.Tensor, seed: int = 0) -> dict[str, 
             rand = torch.randint(0, table.shape[0], (B, M, n_l), generator=gen)
             rows |= {"zero latents": nll(torch.zeros_like(latents)),
                      "batch-mean latents": nll(latents.mean((0, 1), keepdim=True).expand_as(latents)),
+                     "site-swapped latents": nll(_swap_sites(latents, gen)),
                      "random token embeddings": nll(table[rand]),
                      "oracle: true next tokens": nll(table[truth])}
+            if dual.latent_code is not None:  # latent_readout: vocab; a perfect draft through the trained code
+                rows["oracle through the code: C[true next tokens]"] = nll(dual.latent_code.weight.T.float()[truth])
+        if z is not None and spec.slots == "coprocessor_output":
+            out["draft_nll_per_slot"] = dual.draft_nll(z, input_ids, sites).float().mean((0, 1)).tolist()
     out["nll_per_k"] = rows
     out["delta_vs_base"] = {k: float(np.mean(v) - np.mean(rows["base alone"])) for k, v in rows.items()}
     return out
+
+
+def _swap_sites(latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """`latents` `(B, M, N_L, d)` with the sites' slot groups permuted among all B·M sites."""
+    flat = latents.flatten(0, 1)
+    return flat[torch.randperm(flat.shape[0], generator=gen)].view_as(latents)
 
 
 def _token_table(dual: DualModel) -> torch.Tensor:
@@ -112,6 +130,11 @@ def markdown(result: dict[str, Any]) -> str:
     for name, values in result["nll_per_k"].items():
         lines.append("| " + " | ".join([name, *(f"{v:.4f}" for v in values),
                                          f"{result['delta_vs_base'][name]:+.4f}"]) + " |")
+    draft = result.get("draft_nll_per_slot")
+    if draft:
+        base = result["nll_per_k"]["base alone"]
+        lines += ["", "Coprocessor's own head at slot j, NLL of x[p+1+j]: " + ", ".join(f"{v:.4f}" for v in draft)
+                  + " (Base alone at k = j+1: " + ", ".join(f"{v:.4f}" for v in base[: len(draft)]) + ")"]
     s = result["scales"]
     lines += ["", "scales (mean L2 norm): " + ", ".join(
         f"{k} {v:.3f}" if isinstance(v, float) else f"{k} [{', '.join(f'{x:.2f}' for x in v)}]"

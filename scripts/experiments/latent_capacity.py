@@ -27,7 +27,7 @@ from pipeline.train.data import PackedSequences
 
 
 class FreeLatents(DualModel):
-    def _slots(self, sites, cache, base_hidden, docs=None):
+    def slots(self, sites, cache, base_hidden, docs=None):
         return self.free, None, None  # (latents the Base reads, extra K/V, Coprocessor output)
 
 

@@ -58,7 +58,7 @@ class ProbedDual(DualModel):
 
     def slot_contents(self, sites, cache, base_hidden, docs=None):
         self._sites, self._hidden = sites, base_hidden
-        latents, kv, z = self._slots(sites, cache, base_hidden, docs)  # latents: after the pipeline's readout
+        latents, kv, z = self.slots(sites, cache, base_hidden, docs)  # latents: after the pipeline's readout
         self._sites, self.raw = None, z
         if self.readout == "actnorm" and self.armed:
             return (z - self.act_b) * self.act_g, kv

@@ -39,8 +39,8 @@ class MappedLatents(DualModel):
 
     latent_map = "none"
 
-    def _slots(self, *args, **kwargs):
-        z, kv, raw = super()._slots(*args, **kwargs)
+    def slots(self, *args, **kwargs):
+        z, kv, raw = super().slots(*args, **kwargs)
         if z is None or self.latent_map == "none":
             return z, kv, raw
         table = self.base.transformer.wte.weight

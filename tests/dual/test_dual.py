@@ -129,7 +129,7 @@ def test_draft_loss_is_the_coprocessor_heads_cross_entropy_at_the_slots():
     sites = sites_for(dual, x)
     out = dual(x, sites)
     base_out = dual.base(x, return_kv=True, return_logits=False)
-    _, _, z = dual._slots(sites, base_out.kv, base_out.hidden_states, None)
+    _, _, z = dual.slots(sites, base_out.kv, base_out.hidden_states, None)
     j = min(dual.config.n_latents, dual.config.n_ahead)
     targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(j)).flatten(1))
     expected = torch.nn.functional.cross_entropy(dual.coprocessor.lm_head(z[:, :, :j]).flatten(0, 2), targets.flatten())
