@@ -203,12 +203,16 @@ def run_compare(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
             model.name = variant
         ppl = run_ppl_at_k(models, out=out / "eval", cfg=EVAL, dump=str(out / "eval" / "sites.jsonl"))
         rows = compare_rows(ppl, out / "eval" / "sites.jsonl", {v: out / v for v in variants})
-        result.table, result.n_sites = compare_table(rows, ppl), ppl["n_sites"]
+        n_ahead = min((m["n_ahead"] for m in ppl["models"] if m["augments"]), default=COMPARE_K[-1])
+        checks = check_orderings(site_nll(out / "eval" / "sites.jsonl"), n_ahead)
+        result.table = compare_table(rows, ppl) + ("\n" + orderings_table(checks, n_ahead) if checks else "")
+        result.n_sites = ppl["n_sites"]
         (out / "compare.md").write_text(result.table)
         (out / "compare.json").write_text(json.dumps(rows, indent=2))
+        (out / "orderings.json").write_text(json.dumps(checks, indent=2))
         plot_validation(rows, out / "validation_ppl.png")
         finish_run(s.tracking_uri, parent[0], {f"ppl_k1/{r['variant']}": r["ppl"][0] for r in rows},
-                   [out / "compare.md", out / "compare.json", out / "validation_ppl.png"])
+                   [out / "compare.md", out / "compare.json", out / "orderings.json", out / "validation_ppl.png"])
     dist.barrier()
     return result
 
@@ -217,14 +221,65 @@ COMPARE_K = (1, 2, 4, 8)
 REFERENCE = "continued_pretraining"
 
 
-def compare_rows(ppl: dict[str, Any], dump: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
-    """Per variant: its validation curve (own objective), ppl at k with intervals, and the
-    paired Δ ppl against continued pretraining on the same sites (bootstrap over sites)."""
-    nll: dict[str, np.ndarray] = {}
+PAPER_ORDERINGS = (
+    # (a, b, sign of ppl(a) - ppl(b) in the paper, the paper's words): paper 000 §4.1, GPT-2 124M
+    ("liu", "continued_pretraining", +1, "Liu's dual model above data-matched continued pretraining (≈ +1.5 ppl)"),
+    ("h1", "continued_pretraining", -1, "Hyp. 1 below continued pretraining (≈ 2 ppl lower)"),
+    ("h2", "continued_pretraining", -1, "Hyp. 2 below continued pretraining (≈ 2 ppl lower)"),
+    ("h1", "soft_embedding", +1, "Hyp. 1 above the soft-embedding baseline"),
+    ("h2", "soft_embedding", -1, "Hyp. 2 below soft embeddings, only marginally"),
+)
+
+
+def site_nll(dump: Path) -> dict[str, np.ndarray]:
+    """Per model, the per-site NLLs `(sites, K)` of a ppl-at-k dump (same site order for all)."""
+    nll: dict[str, list] = {}
     for line in dump.read_text().splitlines():
         row = json.loads(line)
         nll.setdefault(row["model"], []).append(row["nll"])
-    nll = {k: np.asarray(v, dtype=np.float64) for k, v in nll.items()}  # (sites, k) each, same site order
+    return {k: np.asarray(v, dtype=np.float64) for k, v in nll.items()}
+
+
+def check_orderings(nll: dict[str, np.ndarray], n_ahead: int) -> list[dict[str, Any]]:
+    """Each of paper 000's pretraining orderings on the same held-out sites.
+
+    The measure is ppl over the first `n_ahead` tokens after each site (what the dual variants
+    train on; continued pretraining's own next-token predictions there), the paired difference
+    ppl(a) - ppl(b) with a 95% percentile bootstrap over sites, and a verdict: `holds` (the
+    interval lies on the paper's side of 0), `reversed` (on the other side) or `unresolved`.
+    """
+    out = []
+    for a, b, sign, claim in PAPER_ORDERINGS:
+        if a not in nll or b not in nll:
+            continue
+        boot = paired_ppl_bootstrap(nll[a][:, :n_ahead].mean(1, keepdims=True),
+                                    nll[b][:, :n_ahead].mean(1, keepdims=True), seed=0)
+        lo, hi = (float(v) for v in boot.ppl_gap_ci[0])
+        verdict = "holds" if sign * lo > 0 and sign * hi > 0 else "reversed" if sign * lo < 0 and sign * hi < 0 \
+            else "unresolved"
+        out.append({"a": a, "b": b, "paper": claim, "paper_sign": sign, "ppl_a": float(boot.ppl[0]),
+                    "ppl_b": float(boot.base_ppl[0]), "gap": float(boot.ppl_gap[0]), "gap_ci": [lo, hi],
+                    "verdict": verdict})
+    return out
+
+
+def orderings_table(checks: list[dict[str, Any]], n_ahead: int) -> str:
+    lines = [f"Paper 000's orderings (§4.1, GPT-2), checked on ppl over the first {n_ahead} tokens after each "
+             "site, same sites for every variant:", "",
+             "| paper's finding | a | b | ppl a | ppl b | a − b [95% paired bootstrap] | here |", "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        lo, hi = c["gap_ci"]
+        lines.append(f"| {c['paper']} | {c['a']} | {c['b']} | {c['ppl_a']:.2f} | {c['ppl_b']:.2f} | "
+                     f"{c['gap']:+.2f} [{lo:+.2f}, {hi:+.2f}] | {c['verdict']} |")
+    lines += ["", "holds: the interval lies on the paper's side of 0; reversed: on the other side; unresolved: "
+              "it contains 0."]
+    return "\n".join(lines) + "\n"
+
+
+def compare_rows(ppl: dict[str, Any], dump: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Per variant: its validation curve (own objective), ppl at k with intervals, and the
+    paired Δ ppl against continued pretraining on the same sites (bootstrap over sites)."""
+    nll = site_nll(dump)
     ref = nll.get(REFERENCE)
     rows = []
     for m in ppl["models"]:

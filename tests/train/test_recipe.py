@@ -7,11 +7,12 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # conftest importable by the spawned ranks
 
-from pipeline.recipe import COMPARE_VARIANTS  # noqa: E402
+from pipeline.recipe import COMPARE_VARIANTS, PAPER_ORDERINGS, check_orderings  # noqa: E402
 from pipeline.train.testing import run_distributed  # noqa: E402
 
 
@@ -45,6 +46,26 @@ def test_compare_table_has_every_variant(compare):
         if r["variant"] != "continued_pretraining":
             assert all(lo <= d <= hi for d, (lo, hi) in zip(r["delta_vs_cp"], r["delta_vs_cp_ci"], strict=True))
     assert (compare["root"] / "compare" / "validation_ppl.png").stat().st_size > 0
+    checks = json.loads((compare["root"] / "compare" / "orderings.json").read_text())
+    assert [(c["a"], c["b"]) for c in checks] == [(a, b) for a, b, _, _ in PAPER_ORDERINGS]
+    assert all(c["verdict"] in ("holds", "reversed", "unresolved") for c in checks)
+    assert "Paper 000's orderings" in table
+
+
+def test_orderings_verdict_follows_the_paired_interval():
+    """a − b well above 0 holds for a claim of a above b and is reversed for a claim of a below
+    b; identical NLLs are unresolved (a zero-width interval at 0)."""
+    rng = np.random.default_rng(0)
+    cp = rng.normal(5.0, 1.0, size=(400, 8))
+    nll = {"continued_pretraining": cp, "liu": cp + 0.2, "h1": cp + 0.2, "h2": cp.copy(), "soft_embedding": cp + 0.0}
+    checks = {(c["a"], c["b"]): c for c in check_orderings(nll, 4)}
+    assert checks[("liu", "continued_pretraining")]["verdict"] == "holds"
+    assert checks[("h1", "continued_pretraining")]["verdict"] == "reversed"
+    assert checks[("h2", "continued_pretraining")]["verdict"] == "unresolved"
+    assert checks[("h2", "soft_embedding")]["gap_ci"] == [0.0, 0.0]
+    assert checks[("h1", "soft_embedding")]["verdict"] == "holds"
+    gap = checks[("liu", "continued_pretraining")]
+    assert gap["gap"] == pytest.approx(np.exp(cp[:, :4].mean() + 0.2) - np.exp(cp[:, :4].mean()))
 
 
 def test_compare_rerun_reuses_finished_variants(compare):
