@@ -76,8 +76,9 @@ class TrainSection:
     output_dir: str = "runs/train"
     """Checkpoints, metrics.jsonl and the export go here."""
     log_every: int = 10
-    """Debug-log a step line every this many steps (every step goes to metrics.jsonl, MLflow
-    and the launcher's progress display)."""
+    """Debug-log a step line, and send the buffered steps to MLflow, every this many steps
+    (every step goes to metrics.jsonl and the launcher's progress display, and every step's
+    values reach MLflow: in batches, also at each validation and checkpoint and every 30 s)."""
     eval_every: int = 50
     """Validation loss every this many steps (0 = only at the end)."""
     eval_sequences: int = 16

@@ -4,6 +4,10 @@ A tracking server that is down at start, or goes down mid-run, costs a warning:
 the first failed call switches tracking off and training carries on. Every step's
 metrics also go to `metrics.jsonl` in the run directory, so nothing depends on
 the server to be read back.
+
+MLflow gets every step's values too, sent in batches (`flush_every` steps, every
+validation, every checkpoint, at least every 30 s, and at the end): one call per
+step cost ~5 ms against a local sqlite store, a tenth of a tiny model's step.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +72,17 @@ def _ensure_experiment(client, uri: str, name: str) -> str:
 class Tracker:
     """Rank-0 metrics: always `metrics.jsonl`, and MLflow while it answers."""
 
-    def __init__(self, cfg: TrackingSection, run_dir: Path, *, is_rank0: bool):
+    FLUSH_SECONDS = 30.0
+    BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+    def __init__(self, cfg: TrackingSection, run_dir: Path, *, is_rank0: bool, flush_every: int = 1):
         self.is_rank0 = is_rank0
         self.active = False
         self.uri = ""
         self.metrics_file = run_dir / "metrics.jsonl"
+        self.flush_every = max(1, flush_every)
+        self._pending: list = []  # mlflow.entities.Metric rows not sent yet
+        self._last_flush = time.monotonic()
         if not (is_rank0 and cfg.enabled):
             return
         # Fail fast instead of MLflow's default minutes of retries against a dead server.
@@ -121,7 +132,25 @@ class Tracker:
             return
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._call("log_metrics", self._mlflow.log_metrics if self.active else None, metrics, step=step)
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        if (step % self.flush_every == 0 or "val_loss" in metrics
+                or time.monotonic() - self._last_flush >= self.FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the buffered metric rows to MLflow."""
+        pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
+        if not (self.active and pending):
+            return
+        client, run_id = self._mlflow.tracking.MlflowClient(), self.run.info.run_id
+        self._call("log_metrics", lambda: [client.log_batch(run_id, metrics=pending[i : i + self.BATCH])
+                                           for i in range(0, len(pending), self.BATCH)])
 
     def drop_rows_after(self, step: int) -> int:
         """Remove the metrics.jsonl rows of steps after `step` (a resumed run replays them,
@@ -149,6 +178,7 @@ class Tracker:
             self._call("log_artifact", self._mlflow.log_artifact if self.active else None, str(path))
 
     def finish(self) -> None:
+        self.flush()
         self._call("end_run", self._mlflow.end_run if self.active else None)
 
 

@@ -131,7 +131,7 @@ def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
     ckpt_dir = run_dir / "checkpoints"
     start = checkpoint.resume(engine, ckpt_dir, resume, rank=rank, world=world)
 
-    tracker = Tracker(task.config.tracking, run_dir, is_rank0=rank == 0)
+    tracker = Tracker(task.config.tracking, run_dir, is_rank0=rank == 0, flush_every=loop.log_every)
     meta = None
     if rank == 0:
         meta = task.checkpoint_meta()
@@ -182,6 +182,7 @@ def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
                                                                   ran >= loop.stop_after_steps)
         if stopping or step == loop.max_steps or (loop.checkpoint_every and step % loop.checkpoint_every == 0):
             checkpoint.save(engine, ckpt_dir, step, task, meta, rank)
+            tracker.flush()  # MLflow holds every step the checkpoint covers
         if stopping and step < loop.max_steps:
             log.warning("stopped at step %d; continue with --resume auto", step)
             tracker.finish()
