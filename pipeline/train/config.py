@@ -91,6 +91,13 @@ class TrainSection:
     """A non-finite loss: stop with an error (no checkpoint), or skip that batch and count it."""
     export: bool = True
     """Write the DESIGN.md export directory (output_dir/export) when the run finishes."""
+    base_lr_scale: float = 1.0
+    """Learning-rate multiplier for the pretrained Base's parameters, where the task trains
+    them (continued_pretraining, h2, soft_embedding); what the task adds (Coprocessor, soft
+    tokens, latent code) trains at the DeepSpeed config's lr. 0.1 continues the Base at the
+    lr a warmup-cosine run with cos_min_ratio 0.1 ended at, instead of re-warming it to the
+    peak (which the issue-13 probe measured damaging a small Base). Needs WarmupCosineLR
+    (it scales each parameter group's own lr) or no scheduler."""
 
     def __post_init__(self) -> None:
         """Every field a loop divides by or counts with, checked at load (and under --dry-run):
@@ -99,7 +106,8 @@ class TrainSection:
         at_least = {"max_steps": 1, "log_every": 1, "eval_sequences": 1,
                     "eval_every": 0, "checkpoint_every": 0, "stop_after_steps": 0}
         check([f"train.{name}={getattr(self, name)}: must be >= {low}" + (" (0 = off)" if low == 0 else "")
-               for name, low in at_least.items() if getattr(self, name) < low])
+               for name, low in at_least.items() if getattr(self, name) < low]
+              + ([f"train.base_lr_scale={self.base_lr_scale}: must be > 0"] if not self.base_lr_scale > 0 else []))
 
 
 @dataclasses.dataclass

@@ -184,6 +184,13 @@ class DualPretraining(Task):
         self.params = matmul_params(self.model)
         return self.model
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The Base's trainable parameters at `train.base_lr_scale`, everything else at 1."""
+        base = {id(p) for p in model.base.parameters()}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": [p for p in trainable if id(p) in base], "lr_scale": self.config.train.base_lr_scale},
+                {"params": [p for p in trainable if id(p) not in base], "lr_scale": 1.0}]
+
     def batch(self, step: int, micro_step: int) -> dict[str, Tensor]:
         x = self.train_data.batch(self.order.indices(step, micro_step, self.layout.rank))
         x = x.to(self.layout.device)

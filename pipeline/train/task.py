@@ -100,6 +100,14 @@ class Task(abc.ABC):
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Held-out metrics, the same on every rank; must include `val_loss`."""
 
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups, each `{"params": [...], "lr_scale": s}`
+        (s multiplies the DeepSpeed config's lr). One group at scale 1 unless a task splits them."""
+        if getattr(self.config.train, "base_lr_scale", 1.0) != 1.0:
+            raise PipelineError(f"train.base_lr_scale applies to dual pretraining; task {self.kind!r} has no "
+                                "separate Base to scale (leave it at 1)")
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
     def before_step(self, step: int, engine: Any) -> None:  # noqa: B027 - an optional hook
         """Called on every rank before optimizer step `step` (e.g. a curriculum stage change)."""
 

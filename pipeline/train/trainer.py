@@ -111,6 +111,21 @@ def resolve_ds_config(ds_config: dict[str, Any], max_steps: int, world: int, dev
     return ds
 
 
+def optimizer_groups(groups: list[dict[str, Any]], ds: dict[str, Any]) -> list:
+    """What DeepSpeed's optimizer gets: the plain parameter list when every group trains at the
+    config's lr, else one group per `lr_scale` with its own lr (the scheduler scales each)."""
+    if all(g.get("lr_scale", 1.0) == 1.0 for g in groups):
+        return [p for g in groups for p in g["params"]]
+    scheduler = ds.get("scheduler", {}).get("type")
+    if scheduler not in (None, "WarmupCosineLR"):
+        raise PipelineError(f"train.base_lr_scale needs the WarmupCosineLR scheduler, which keeps each parameter "
+                            f"group's own lr; this DeepSpeed config uses {scheduler} (it sets one lr for all)")
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+    if not isinstance(lr, (int, float)):
+        raise PipelineError("train.base_lr_scale needs optimizer.params.lr in the DeepSpeed config")
+    return [{"params": g["params"], "lr": lr * g.get("lr_scale", 1.0)} for g in groups]
+
+
 def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
           on_step: StepCallback | None = None) -> TrainResult:
     """Run (or continue) `task`'s training on every rank of the process group."""
@@ -125,8 +140,9 @@ def train(task: Task, ds_config: dict[str, Any], *, resume: str | None = None,
     layout = BatchLayout(ds["train_micro_batch_size_per_gpu"], ds.get("gradient_accumulation_steps", 1), world,
                          rank, device)
     model = task.build(layout)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds)
+    groups = [g for g in task.param_groups(model) if g["params"]]
+    trainable = [p for g in groups for p in g["params"]]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(groups, ds), config=ds)
     run_dir = Path(loop.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     start = checkpoint.resume(engine, ckpt_dir, resume, rank=rank, world=world)
