@@ -13,8 +13,9 @@
    held-out shards, with bootstrap intervals, printed whichever way it goes.
 
 `compare` (paper 000 §4.1): from the same Base, every variant at the same N_L, step
-count and batch — `continued_pretraining` is the data-matched baseline (the same
-training tokens as each dual run) — then ppl at k on the same held-out sites, a
+count, batch and learning rates (the Base's own parameters at COMPARE_BASE_LR_SCALE of the
+lr) — `continued_pretraining` is the data-matched baseline (the same training tokens as
+each dual run) — then ppl at k on the same held-out sites, a
 table in the shape of paper 000 Table 1 / Fig. 2 (Δ against continued
 pretraining, paired bootstrap intervals) and every variant's validation curve;
 one MLflow parent run with a child run per stage.
@@ -38,13 +39,17 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import to_dict
 from pipeline.data.build import BuildOptions, build
 from pipeline.data.readers import Reader, resolve_inputs
 from pipeline.data.shards import MANIFEST
 from pipeline.data.tokenizer import train_sentencepiece
+from pipeline.dual.variants import get_variant
+from pipeline.errors import PipelineError
 from pipeline.eval.bootstrap import paired_ppl_bootstrap
 from pipeline.eval.ppl import PplConfig, markdown_table
 from pipeline.eval.runner import load_models, run_ppl_at_k
+from pipeline.train.checkpoint import CONFIG_FILE
 from pipeline.train.config import load_config
 from pipeline.train.dual_task import DualPretraining
 from pipeline.train.tracking import finish_run, log_artifacts_to_run, plot_curves, start_parent_run
@@ -61,6 +66,12 @@ EVAL = PplConfig(k=8, sites_per_doc=None, seed=0)
 """Every allowed position of every held-out document is a site (~3,000 here), so the
 intervals are as tight as this small validation split allows."""
 COMPARE_VARIANTS = ("continued_pretraining", "soft_embedding", "pause", "liu", "h1", "h2")
+COMPARE_BASE_LR_SCALE = 0.1
+"""`train.base_lr_scale` of the comparison's stages: a variant that trains the Base
+(continued_pretraining, soft_embedding, h2) continues it at 0.1 x TINY_LR, the lr its
+pretraining ended at (WarmupCosineLR, cos_min_ratio 0.1), while what a variant adds trains
+at TINY_LR. Re-warming the Base to the peak first damaged it (issue 13: h2 and
+soft_embedding ended worse than the Base they started from)."""
 RECIPES = ("default", "compare")
 Progress = Callable[[str, int], StepCallback | None]
 
@@ -121,14 +132,38 @@ def _stage(s: _Setup, preset: str, out: Path, steps: int, progress: Progress | N
            *extra: str) -> tuple[Path, tuple[str, str] | None]:
     """Train one stage unless its export exists: (export dir, (tracking uri, run id) or None)."""
     export = out / "export"
-    if (export / "pipeline.json").is_file():
-        log.info("%s: reusing %s", name, export)
-        return export, None
     cfg = load_config(preset, [f"data.path={s.data}", f"train.output_dir={out}", f"train.max_steps={steps}",
                                f"tracking.run_name={name}", *extra, *s.overrides])
+    if (export / "pipeline.json").is_file():
+        changed = config_changes(out / CONFIG_FILE, cfg)
+        if changed:
+            raise PipelineError(f"{out} was trained with a different config ({'; '.join(changed)}); delete that "
+                                f"directory to train this stage again")
+        log.info("%s: reusing %s", name, export)
+        return export, None
     log.info("%s: training %s for %d steps on %s", name, cfg.dual.variant, steps, s.data)
     result = train(DualPretraining(cfg), s.ds_config, resume="auto", on_step=progress and progress(name, steps))
     return result.export_dir, result.tracking
+
+
+def config_changes(recorded: Path, cfg: Any) -> list[str]:
+    """How `cfg` differs from the config a finished stage recorded, as "key: old -> new"
+    (tracking and train.output_dir aside: the directory is the stage's identity, and may
+    have moved); a key the record lacks counts at its default (a newer option)."""
+    if not recorded.is_file():
+        return []
+    defaults = _flat(to_dict(type(cfg)()))
+    old, new = _flat(json.loads(recorded.read_text())), _flat(to_dict(cfg))
+    return [f"{key}: {old.get(key, defaults.get(key))!r} -> {value!r}" for key, value in new.items()
+            if not key.startswith("tracking.") and key != "train.output_dir"
+            and old.get(key, defaults.get(key)) != value]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
 
 
 def _base(s: _Setup, progress: Progress | None, steps: int = BASE_STEPS) -> Path:
@@ -193,8 +228,9 @@ def run_compare(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     link = [f"tracking.parent_run_id={parent[0]}"] if parent[0] else []
     exports = {}
     for variant in variants:
+        scale = [f"train.base_lr_scale={COMPARE_BASE_LR_SCALE}"] if get_variant(variant).train_base else []
         exports[variant] = _stage(s, f"tiny-{variant}", out / variant, steps, progress, f"compare-{variant}",
-                                  "train.eval_every=100", *link, *_variant_overrides(variant, base))[0]
+                                  "train.eval_every=100", *scale, *link, *_variant_overrides(variant, base))[0]
     result = RecipeResult(export=out, table=None, title=f"variants from one Base, {steps} steps each")
     if s.rank == 0:
         log.info("compare: evaluating every variant on the same held-out sites")

@@ -85,3 +85,21 @@ def test_compare_logs_one_parent_run_with_a_child_per_variant(compare):
     first = min(parents, key=lambda r: r.info.start_time)
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id}
     assert children == {f"compare-{v}" for v in COMPARE_VARIANTS}
+
+
+def test_a_finished_stage_with_another_config_is_named_not_reused(tmp_path):
+    """Reuse is by directory; a stage recorded with other settings (or before an option
+    existed, when the new value is not its default) is reported, key by key."""
+    from pipeline.config import to_dict
+    from pipeline.recipe import config_changes
+    from pipeline.train.config import load_config
+
+    cfg = load_config("tiny-h2", ["train.base_lr_scale=0.1", "train.max_steps=600"])
+    recorded = to_dict(cfg)
+    del recorded["train"]["base_lr_scale"]  # recorded before the option existed
+    recorded["tracking"]["parent_run_id"] = "another-invocation"  # tracking never counts
+    (tmp_path / "pipeline_config.json").write_text(json.dumps(recorded))
+    assert config_changes(tmp_path / "pipeline_config.json", cfg) == ["train.base_lr_scale: 1.0 -> 0.1"]
+    same = load_config("tiny-h2", ["train.max_steps=600"])
+    assert config_changes(tmp_path / "pipeline_config.json", same) == []
+    assert config_changes(tmp_path / "missing.json", cfg) == []
