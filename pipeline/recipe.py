@@ -238,9 +238,10 @@ def run_compare(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
         for model, variant in zip(models, variants, strict=True):
             model.name = variant
         ppl = run_ppl_at_k(models, out=out / "eval", cfg=EVAL, dump=str(out / "eval" / "sites.jsonl"))
-        rows = compare_rows(ppl, out / "eval" / "sites.jsonl", {v: out / v for v in variants})
+        nll = site_nll(out / "eval" / "sites.jsonl")
+        rows = compare_rows(ppl, nll, {v: out / v for v in variants})
         n_ahead = min((m["n_ahead"] for m in ppl["models"] if m["augments"]), default=COMPARE_K[-1])
-        checks = check_orderings(site_nll(out / "eval" / "sites.jsonl"), n_ahead)
+        checks = check_orderings(nll, n_ahead)
         result.table = compare_table(rows, ppl) + ("\n" + orderings_table(checks, n_ahead) if checks else "")
         result.n_sites = ppl["n_sites"]
         (out / "compare.md").write_text(result.table)
@@ -312,10 +313,9 @@ def orderings_table(checks: list[dict[str, Any]], n_ahead: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_rows(ppl: dict[str, Any], dump: Path, runs: dict[str, Path]) -> list[dict[str, Any]]:
+def compare_rows(ppl: dict[str, Any], nll: dict[str, np.ndarray], runs: dict[str, Path]) -> list[dict[str, Any]]:
     """Per variant: its validation curve (own objective), ppl at k with intervals, and the
-    paired Δ ppl against continued pretraining on the same sites (bootstrap over sites)."""
-    nll = site_nll(dump)
+    paired Δ ppl against continued pretraining on the same sites `nll` (bootstrap over sites)."""
     ref = nll.get(REFERENCE)
     rows = []
     for m in ppl["models"]:
