@@ -65,6 +65,13 @@ VOCAB = 4000
 EVAL = PplConfig(k=8, sites_per_doc=None, seed=0)
 """Every allowed position of every held-out document is a site (~3,000 here), so the
 intervals are as tight as this small validation split allows."""
+DEFAULT_READING = """
+Δ% > 0: the latents lower ppl. The paper's liu on this 0.4M-parameter frozen Base, 600 steps,
+is measured to change little (README, "Why the tiny main job shows no latent effect"). The
+setting in which this Base measurably reads its Coprocessor (k = 1-3, ~14 min on 2 CPU cores):
+  deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero2_cpu_tiny.json \\
+      --config tiny-liu-draft data.path={root}/data model.path={root}/base/export
+"""
 COMPARE_VARIANTS = ("continued_pretraining", "soft_embedding", "pause", "liu", "h1", "h2")
 COMPARE_BASE_LR_SCALE = 0.1
 """`train.base_lr_scale` of the comparison's stages: a variant that trains the Base
@@ -195,6 +202,7 @@ def run_default(ds_config: dict[str, Any], root: str | Path = "runs/default", ov
     if s.rank == 0:
         log.info("evaluating ppl of the k-th token after augmentation")
         result.table, result.n_sites = summarize(export, s.root / "eval")
+        result.table = result.table.rstrip("\n") + "\n" + DEFAULT_READING.format(root=s.root)
         if tracking:
             log_artifacts_to_run(*tracking, sorted((s.root / "eval").glob("ppl_at_k.*")))
     dist.barrier()
