@@ -61,17 +61,21 @@ def test_probe_oracle_feeds_the_true_next_tokens():
     dual = tiny_dual("liu").eval()
     x = _batch(1)
     r = probe(dual, x, seed=3)
-    sites = dual.sample_sites(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(torch.tensor(r["nll_per_k"]["oracle: true next tokens"]),
+                               _true_token_nll(dual, x, 3, dual.base.transformer.wte.weight), rtol=1e-5, atol=1e-5)
+
+
+def _true_token_nll(dual, x: torch.Tensor, seed: int, table: torch.Tensor) -> torch.Tensor:
+    """Per-k NLL, by hand, of decoding with slot j = table[x[p+1+j]] at the probe's sites."""
+    sites = dual.sample_sites(x, torch.Generator().manual_seed(seed))
     n_l, n_a = dual.config.n_latents, dual.config.n_ahead
     with torch.no_grad():
         cache = dual.base(x, return_kv=True, return_logits=False).kv
         truth = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_l)).flatten(1)).view(*sites.shape, n_l)
-        latents = dual.base.transformer.wte.weight[truth]
-        logits = dual.decode_logits(x, sites, n_a, cache, latents, None)
+        logits = dual.decode_logits(x, sites, n_a, cache, table[truth], None)
         targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_a)).flatten(1))
         nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(*sites.shape, n_a)
-    torch.testing.assert_close(torch.tensor(r["nll_per_k"]["oracle: true next tokens"]), nll.mean((0, 1)),
-                               rtol=1e-5, atol=1e-5)
+    return nll.mean((0, 1))
 
 
 def test_probe_refuses_a_model_without_latents():
@@ -106,14 +110,6 @@ def test_probe_code_oracle_reads_the_true_tokens_rows_of_the_code():
         dual.latent_code.weight.mul_(0.5)  # not the Base's own embeddings any more
     x = _batch(3)
     r = probe(dual, x, seed=2)
-    sites = dual.sample_sites(x, torch.Generator().manual_seed(2))
-    n_l, n_a = dual.config.n_latents, dual.config.n_ahead
-    with torch.no_grad():
-        cache = dual.base(x, return_kv=True, return_logits=False).kv
-        truth = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_l)).flatten(1)).view(*sites.shape, n_l)
-        logits = dual.decode_logits(x, sites, n_a, cache, dual.latent_code.weight.T[truth], None)
-        targets = x.gather(1, (sites.unsqueeze(-1) + 1 + torch.arange(n_a)).flatten(1))
-        nll = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(*sites.shape, n_a)
     torch.testing.assert_close(torch.tensor(r["nll_per_k"]["oracle through the code: C[true next tokens]"]),
-                               nll.mean((0, 1)), rtol=1e-5, atol=1e-5)
+                               _true_token_nll(dual, x, 2, dual.latent_code.weight.T), rtol=1e-5, atol=1e-5)
     assert r["nll_per_k"]["oracle through the code: C[true next tokens]"] != r["nll_per_k"]["oracle: true next tokens"]
