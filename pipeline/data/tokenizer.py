@@ -90,7 +90,7 @@ class Tokenizer:
         """What the manifest records: kind, path, sha256 of each file, vocab size, EOS."""
         return {
             "kind": self.kind,
-            "path": str(self.path),
+            "path": str(Path(self.path).resolve()),  # absolute: evaluation loads it from any directory
             "files": {p.name: sha256_file(p) for p in self.files()},
             "vocab_size": self.vocab_size,
             "eos_id": self.eos_id,

@@ -61,6 +61,22 @@ def test_shards_hold_exactly_the_tokenizer_ids_plus_eos(reference, corpus, gpt2_
     assert raw["totals"]["all"]["documents"] == 600 and raw["skipped"] == {}
 
 
+def test_a_relative_tokenizer_path_is_recorded_absolute(corpus, gpt2_tokenizer_dir, tmp_path, monkeypatch):
+    """Evaluation loads the manifest's tokenizer from wherever it runs: a path relative to the
+    build's working directory would be "tokenizer not found" anywhere else."""
+    import shutil
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    shutil.copytree(gpt2_tokenizer_dir, tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    assert build(corpus[0], Path("tok"), Path("ds"), "--workers", "1") == 0
+    recorded = shards.load_manifest(tmp_path / "ds").tokenizer["path"]
+    assert recorded == str(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_tokenizer(recorded).vocab_size == 50257 and shards.check_tokenizer(shards.load_manifest(tmp_path / "ds"))
+
+
 def test_output_does_not_depend_on_workers(reference, corpus, gpt2_tokenizer_dir, tmp_path):
     assert build(corpus[0], gpt2_tokenizer_dir, tmp_path / "w1", "--workers", "1") == 0
     assert shard_bytes(tmp_path / "w1") == shard_bytes(reference)
