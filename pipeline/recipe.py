@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import to_dict
+from pipeline.config import flatten, to_dict
 from pipeline.data.build import BuildOptions, build
 from pipeline.data.readers import Reader, resolve_inputs
 from pipeline.data.shards import MANIFEST
@@ -159,18 +159,11 @@ def config_changes(recorded: Path, cfg: Any) -> list[str]:
     have moved); a key the record lacks counts at its default (a newer option)."""
     if not recorded.is_file():
         return []
-    defaults = _flat(to_dict(type(cfg)()))
-    old, new = _flat(json.loads(recorded.read_text())), _flat(to_dict(cfg))
+    defaults = flatten(to_dict(type(cfg)()))
+    old, new = flatten(json.loads(recorded.read_text())), flatten(to_dict(cfg))
     return [f"{key}: {old.get(key, defaults.get(key))!r} -> {value!r}" for key, value in new.items()
             if not key.startswith("tracking.") and key != "train.output_dir"
             and old.get(key, defaults.get(key)) != value]
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
-    return out
 
 
 def _base(s: _Setup, progress: Progress | None, steps: int = BASE_STEPS) -> Path:

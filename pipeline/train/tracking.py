@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import flatten
 from pipeline.train.config import TrackingSection
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,9 @@ log = logging.getLogger(__name__)
 _ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= _flatten(value, name + ".")
-        else:
-            out[name] = str(value)[:6000]  # MLflow's limit on a param value
-    return out
+def _flatten(tree: dict[str, Any]) -> dict[str, str]:
+    """Dotted keys and string values, as MLflow params take them."""
+    return {key: str(value)[:6000] for key, value in flatten(tree).items()}  # MLflow's limit on a param value
 
 
 def store_problem(uri: str) -> str | None:
@@ -104,6 +99,7 @@ class Tracker:
             mlflow.set_experiment(cfg.experiment)
             tags = {"mlflow.parentRunId": cfg.parent_run_id} if cfg.parent_run_id else None
             self.run = mlflow.start_run(run_name=cfg.run_name or None, tags=tags)
+            self._client = mlflow.tracking.MlflowClient(uri)
             self.active = True
             log.info("MLflow run %s at %s", self.run.info.run_id, uri)
         except Exception as exc:  # noqa: BLE001 - any failure of the tracking server
@@ -148,8 +144,8 @@ class Tracker:
         self._last_flush = time.monotonic()
         if not (self.active and pending):
             return
-        client, run_id = self._mlflow.tracking.MlflowClient(), self.run.info.run_id
-        self._call("log_metrics", lambda: [client.log_batch(run_id, metrics=pending[i : i + self.BATCH])
+        run_id = self.run.info.run_id
+        self._call("log_metrics", lambda: [self._client.log_batch(run_id, metrics=pending[i : i + self.BATCH])
                                            for i in range(0, len(pending), self.BATCH)])
 
     def drop_rows_after(self, step: int) -> int:
