@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,18 @@ def cpu_ds_config(name: str = "zero2_cpu", **changes) -> dict:
     ds["zero_optimization"].pop("offload_optimizer", None)
     ds.update(changes)
     return ds
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_restored():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into this process's environment: a
+    Tracker made in one test would otherwise send a later test's spawned ranks to its store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 @pytest.fixture(scope="session")
